@@ -6,13 +6,13 @@
 __all__ = ['IMPLS', 'VocabStats', 'check_logits', 'check_finite', 'check_targets', 'default_chunk', 'vocab_stats_torch',
            'check_pair', 'cross_stats_torch', 'vocab_stats_triton', 'cross_stats_triton', 'vocab_stats', 'cross_stats']
 
-# %% ../../nbs/21_kernels.vocab.ipynb #06d1142d
+# %% ../../nbs/21_kernels.vocab.ipynb #e7ca7acb
 import math, os
 from dataclasses import dataclass, fields
 import torch
 from ..core import InputError, ConfigError
 
-# %% ../../nbs/21_kernels.vocab.ipynb #0f0e51aa
+# %% ../../nbs/21_kernels.vocab.ipynb #d149daf8
 @dataclass
 class VocabStats:
     "Per-position statistics of a distribution over the vocabulary; every field has shape `logits.shape[:-1]`."
@@ -44,7 +44,7 @@ class VocabStats:
     @property
     def shape(self): return self.lse.shape
 
-# %% ../../nbs/21_kernels.vocab.ipynb #39c27362
+# %% ../../nbs/21_kernels.vocab.ipynb #edc1cc05
 def _where(mask:torch.Tensor, lead:tuple)->str:
     "Human-readable position of the first True entry of `mask` (shape `lead`)."
     i = int(torch.nonzero(mask.reshape(-1))[0, 0])
@@ -99,7 +99,7 @@ def check_targets(targets:torch.Tensor, # [...] integer token ids
                              "padding positions need a valid placeholder id (and a mask)")
     return targets.long()
 
-# %% ../../nbs/21_kernels.vocab.ipynb #3bc58f24
+# %% ../../nbs/21_kernels.vocab.ipynb #fd37d3ff
 def default_chunk(V:int, # vocabulary size
                   budget:int=1<<22, # elements per [chunk, V] temporary (4M fp32 = 16 MiB)
                  )->int:
@@ -140,7 +140,7 @@ def vocab_stats_torch(logits:torch.Tensor, # [..., V] logits, any float dtype
         for o, r in zip(outs, _torch_rows(xs, t[s:s+step], dtype)): o[s:s+step] = r
     return VocabStats(*(o.reshape(lead) for o in outs))
 
-# %% ../../nbs/21_kernels.vocab.ipynb #604262be
+# %% ../../nbs/21_kernels.vocab.ipynb #78bcd6cc
 def check_pair(logits_ref:torch.Tensor, logits_score:torch.Tensor)->int:
     "Validate two logits tensors over the same vocabulary and positions; return V."
     V = check_logits(logits_ref, "logits_ref"); V2 = check_logits(logits_score, "logits_score")
@@ -174,7 +174,7 @@ def cross_stats_torch(logits_ref:torch.Tensor, # [..., V] logits of the referenc
         m2[a:a+step] = torch.where(pos, p * lq.square(), 0).sum(-1)
     return m1.reshape(lead), m2.reshape(lead)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #17171b78
+# %% ../../nbs/21_kernels.vocab.ipynb #42545764
 try:
     import triton
     import triton.language as tl
@@ -183,12 +183,18 @@ except ImportError:  # pragma: no cover - triton is a dependency, but keep the t
     triton, tl, HAS_TRITON = None, None, False
 
 def _interpreting()->bool:
-    "Whether Triton kernels of this module were defined under `TRITON_INTERPRET=1`."
-    return HAS_TRITON and type(_vocab_kernel).__name__ == "InterpretedFunction"
+    "Whether Triton would run kernels in its CPU interpreter (`TRITON_INTERPRET=1`) right now."
+    return HAS_TRITON and bool(triton.knobs.runtime.interpret)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #6f21e74e
+_JITTED = {}
+def _jit(fn):
+    "`fn` as a Triton kernel, compiled or interpreted as `TRITON_INTERPRET` says at launch time (cached)."
+    key = (fn.__name__, _interpreting())
+    if key not in _JITTED: _JITTED[key] = triton.jit(fn)
+    return _JITTED[key]
+
+# %% ../../nbs/21_kernels.vocab.ipynb #11e9bff7
 if HAS_TRITON:
-    @triton.jit
     def _vocab_kernel(X, T, stride_x, V, cols_per_split,
                       LSE, LOGP, RANK, ENT, MAXLP, MASS, MEAN, VAR, BAD,   # final outputs (SPLIT == False)
                       WS, WI, N,                                          # partial workspaces (SPLIT == True)
@@ -252,7 +258,6 @@ if HAS_TRITON:
             tl.store(VAR + row, tl.maximum(s2 / s0 - mu * mu, 0.0))
             tl.store(BAD + row, bad)
 
-    @triton.jit
     def _vocab_combine_kernel(WS, WI, N, NSP, T, X, stride_x,
                               LSE, LOGP, RANK, ENT, MAXLP, MASS, MEAN, VAR, BAD,
                               BLOCK_S: tl.constexpr):
@@ -290,12 +295,12 @@ if HAS_TRITON:
         tl.store(VAR + row, tl.maximum(S2 / S0 - mu * mu, 0.0))
         tl.store(BAD + row, bad)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #dd341192
+# %% ../../nbs/21_kernels.vocab.ipynb #98a147c5
 def _check_triton_device(x:torch.Tensor):
     "Raise a clear error when the Triton kernel cannot run on `x`'s device."
     if not HAS_TRITON: raise ConfigError("impl='triton' needs the triton package; use impl='torch'")
     if x.device.type == "cpu" and not _interpreting():
-        raise ConfigError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before importing tokexp.kernels.vocab "
+        raise ConfigError("impl='triton' on CPU tensors needs the environment variable TRITON_INTERPRET=1 "
                           "(the interpreter is slow: tests only); use impl='auto' or 'torch' on CPU")
 
 def _num_splits(N:int, V:int, block:int, device:torch.device)->int:
@@ -331,20 +336,19 @@ def vocab_stats_triton(logits:torch.Tensor, # [..., V] logits, fp32/bf16/fp16
     cps = -(-cps // block) * block  # whole tiles per slice
     nsp = -(-V // cps)
     if nsp == 1:
-        _vocab_kernel[(N, 1)](x, t, x.stride(0), V, cps, *o, bad, bad, bad, N, BLOCK_V=block, SPLIT=False)
+        _jit(_vocab_kernel)[(N, 1)](x, t, x.stride(0), V, cps, *o, bad, bad, bad, N, BLOCK_V=block, SPLIT=False)
     else:
         ws = torch.empty(5 * N * nsp, dtype=torch.float32, device=dev)
         wi = torch.empty(2 * N * nsp, dtype=torch.int32, device=dev)
-        _vocab_kernel[(N, nsp)](x, t, x.stride(0), V, cps, *o, bad, ws, wi, N, BLOCK_V=block, SPLIT=True)
-        _vocab_combine_kernel[(N,)](ws, wi, N, nsp, t, x, x.stride(0), *o, bad, BLOCK_S=triton.next_power_of_2(nsp))
+        _jit(_vocab_kernel)[(N, nsp)](x, t, x.stride(0), V, cps, *o, bad, ws, wi, N, BLOCK_V=block, SPLIT=True)
+        _jit(_vocab_combine_kernel)[(N,)](ws, wi, N, nsp, t, x, x.stride(0), *o, bad, BLOCK_S=triton.next_power_of_2(nsp))
     if check and bool(bad.any()):
         check_finite(x, lead=lead)  # names the position
         raise InputError("logits contain NaN or ±inf")  # pragma: no cover (check_finite raises first)
     return VocabStats(*(v.reshape(lead) for v in o))
 
-# %% ../../nbs/21_kernels.vocab.ipynb #f7470fba
+# %% ../../nbs/21_kernels.vocab.ipynb #eb4dd2d4
 if HAS_TRITON:
-    @triton.jit
     def _cross_kernel(R, S, stride_r, stride_s, V, M1, M2, BAD, BLOCK_V: tl.constexpr):
         "Streaming E_{p_ref}[log p_score] and E_{p_ref}[(log p_score)^2] of one row."
         row = tl.program_id(0).to(tl.int64)
@@ -384,7 +388,7 @@ if HAS_TRITON:
         tl.store(M2 + row, A2 / W - 2.0 * c * e1 + c * c)
         tl.store(BAD + row, bad)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #8c127169
+# %% ../../nbs/21_kernels.vocab.ipynb #49a7886b
 def cross_stats_triton(logits_ref:torch.Tensor, # [..., V] logits of the reference (sampling) model
                        logits_score:torch.Tensor, # [..., V] logits of the scoring model, same shape
                        block_v:int|None=None, # tile size (power of 2; None: min(4096, next pow2 of V))
@@ -402,12 +406,12 @@ def cross_stats_triton(logits_ref:torch.Tensor, # [..., V] logits of the referen
     bad = torch.empty(N, dtype=torch.int32, device=dev)
     if N:
         block = block_v or min(4096, triton.next_power_of_2(V))
-        _cross_kernel[(N,)](r, s, r.stride(0), s.stride(0), V, m1, m2, bad, BLOCK_V=block)
+        _jit(_cross_kernel)[(N,)](r, s, r.stride(0), s.stride(0), V, m1, m2, bad, BLOCK_V=block)
         if check and bool(bad.any()):
             check_finite(r, "logits_ref", lead); check_finite(s, "logits_score", lead)
     return m1.reshape(lead), m2.reshape(lead)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #abce4e98
+# %% ../../nbs/21_kernels.vocab.ipynb #f88afcaf
 IMPLS = ("auto", "triton", "torch")
 
 def _use_triton(x:torch.Tensor, impl:str)->bool:
