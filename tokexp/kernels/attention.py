@@ -6,12 +6,12 @@
 __all__ = ['TORCH_CHUNK_ELEMENTS', 'h2o_weights', 'window_weights', 'last_query_weights', 'a2sf_weights',
            'attention_importance_torch', 'query_lse', 'attention_importance']
 
-# %% ../../nbs/40_kernels.attention.ipynb #4acf3dd8
+# %% ../../nbs/40_kernels.attention.ipynb #0b67cea4
 import math, os
 import torch
 from ..core import InputError, ConfigError
 
-# %% ../../nbs/40_kernels.attention.ipynb #5afaf107
+# %% ../../nbs/40_kernels.attention.ipynb #eb0875bb
 def h2o_weights(nq:int, # number of queries
                 device=None, # torch device of the result
                )->torch.Tensor:
@@ -51,7 +51,7 @@ def _check_nq(nq):
     if not isinstance(nq, int) or isinstance(nq, bool) or nq < 0:
         raise InputError(f"nq must be a non-negative int (number of queries), got {nq!r}")
 
-# %% ../../nbs/40_kernels.attention.ipynb #4f63a6a3
+# %% ../../nbs/40_kernels.attention.ipynb #eb23ef8f
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _check_inputs(q, k, causal, scale, group_reduce="sum", impl="auto"):
@@ -98,7 +98,7 @@ def _causal_mask(Nq, Nk, device, i0=0, i1=None, hi=None)->torch.Tensor:
     i = torch.arange(i0, i1, device=device)[:, None]
     return torch.arange(hi, device=device)[None, :] <= (Nk - Nq) + i
 
-# %% ../../nbs/40_kernels.attention.ipynb #b09914d7
+# %% ../../nbs/40_kernels.attention.ipynb #35c0f028
 def _group(out, B, Hkv, G, Nk, group_reduce):
     return out.view(B, Hkv, G, Nk).sum(2) if group_reduce == "sum" else out
 
@@ -122,7 +122,7 @@ def attention_importance_torch(q:torch.Tensor, # [B, Hq, Nq, D] queries (the las
     if Nk == 0: p = s  # softmax over an empty axis
     return _group((W[..., None] * p).sum(-2), B, Hkv, G, Nk, group_reduce)
 
-# %% ../../nbs/40_kernels.attention.ipynb #ac13bdb3
+# %% ../../nbs/40_kernels.attention.ipynb #f9d72cb5
 TORCH_CHUNK_ELEMENTS = 1 << 22  # logits alive at once in the chunked torch path (4M floats = 16 MB)
 
 def _torch_chunked(q, k, W, lse, causal, scale, G, want_scores=True, chunk=None):
@@ -150,7 +150,7 @@ def _torch_chunked(q, k, W, lse, causal, scale, G, want_scores=True, chunk=None)
             out[..., :hi] += (W[:, :, i0:i1].to(ct).view(B, Hkv, G, 1, c) @ p).squeeze(-2)
     return (None if out is None else out.view(B, Hq, Nk)), lse_out
 
-# %% ../../nbs/40_kernels.attention.ipynb #ae50d0fc
+# %% ../../nbs/40_kernels.attention.ipynb #91982ca3
 try:
     import triton
     import triton.language as tl
@@ -163,7 +163,7 @@ _LN2 = 0.6931471805599453
 
 def _lse_kernel(Q, K, LSE, sqb, sqh, sqm, sqd, skb, skh, skn, skd, slb, slh, slm,
                 Hq, G, Nq, Nk, offset, qk_scale,
-                D: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+                D: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # pass 1: per-query log-sum-exp with an online softmax over key tiles (base-2 internally)
     pid_m = tl.program_id(0); pid_bh = tl.program_id(1)
@@ -172,6 +172,8 @@ def _lse_kernel(Q, K, LSE, sqb, sqh, sqm, sqd, skb, skh, skn, skd, slb, slh, slm
     offs_d = tl.arange(0, BLOCK_D)
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
                 mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D), other=0.0)
+    if UPCAST:  # the interpreter's tl.dot misreads bf16 operands; compiled kernels keep bf16 for the tensor cores
+        q = q.to(tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     hi = Nk
@@ -182,6 +184,8 @@ def _lse_kernel(Q, K, LSE, sqb, sqh, sqm, sqd, skb, skh, skn, skd, slb, slh, slm
         offs_n = n0 + tl.arange(0, BLOCK_N)
         kt = tl.load(kbase + offs_n[None, :] * skn + offs_d[:, None] * skd,
                      mask=(offs_n[None, :] < Nk) & (offs_d[:, None] < D), other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
         s = tl.dot(q, kt, input_precision=PREC) * qk_scale
         valid = offs_n[None, :] < Nk
         if CAUSAL:
@@ -195,7 +199,7 @@ def _lse_kernel(Q, K, LSE, sqb, sqh, sqm, sqd, skb, skh, skn, skd, slb, slh, slm
 
 def _importance_kernel(Q, K, W, LSE, OUT, sqb, sqh, sqm, sqd, skb, skh, skn, skd, swb, swh, swm, slb, slh, slm, sob, soh, son,
                        Hout, KV_DIV, H0_MUL, NG, Nq, Nk, offset, qk_scale,
-                       D: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+                       D: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # pass 2: one program = one block of keys of one (batch, output head); loop over the query heads it sums and their query tiles
     pid_n = tl.program_id(0); pid_bh = tl.program_id(1)
@@ -205,6 +209,8 @@ def _importance_kernel(Q, K, W, LSE, OUT, sqb, sqh, sqm, sqd, skb, skh, skn, skd
     offs_d = tl.arange(0, BLOCK_D)
     kt = tl.load(K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
                  mask=(offs_n[None, :] < Nk) & (offs_d[:, None] < D), other=0.0)  # [BLOCK_D, BLOCK_N], read once
+    if UPCAST:
+        kt = kt.to(tl.float32)
     acc = tl.zeros([BLOCK_N], tl.float32)
     m_lo = 0
     if CAUSAL:  # query tiles entirely before this key block see none of its keys: skip them
@@ -216,6 +222,8 @@ def _importance_kernel(Q, K, W, LSE, OUT, sqb, sqh, sqm, sqd, skb, skh, skn, skd
             mrow = offs_m < Nq
             q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
                         mask=mrow[:, None] & (offs_d[None, :] < D), other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
             lse2 = tl.load(LSE + b * slb + h * slh + offs_m * slm, mask=mrow, other=0.0) * 1.4426950408889634
             wq = tl.load(W + b * swb + h * swh + offs_m * swm, mask=mrow, other=0.0)
             s = tl.dot(q, kt, input_precision=PREC) * qk_scale - lse2[:, None]
@@ -238,7 +246,7 @@ def _kernels():
     if mode not in _KERNELS: _KERNELS[mode] = (triton.jit(_lse_kernel), triton.jit(_importance_kernel))
     return _KERNELS[mode]
 
-# %% ../../nbs/40_kernels.attention.ipynb #77343d99
+# %% ../../nbs/40_kernels.attention.ipynb #c1ae0309
 def _triton_ready(q:torch.Tensor)->str|None:
     "None if the Triton kernel can run on q, else the reason it cannot."
     if triton is None: return "triton is not installed"
@@ -247,6 +255,10 @@ def _triton_ready(q:torch.Tensor)->str|None:
     if not q.is_cuda and not _interpreting():
         return "tensors are on the CPU and triton was imported without TRITON_INTERPRET=1 (set it in the environment before triton is first imported to use the CPU interpreter)"
     return None
+
+def _precision(q):
+    "(input_precision, upcast): exact fp32 products for fp32; bf16 upcast only in the interpreter, whose tl.dot misreads it."
+    return ("ieee" if q.dtype == torch.float32 else None), (q.dtype == torch.bfloat16 and _interpreting())
 
 def _blocks(D, block_m, block_n):
     BD = max(16, triton.next_power_of_2(D))
@@ -257,10 +269,10 @@ def _triton_lse(q, k, causal, scale, G, out=None, block_m=None, block_n=None, nu
     BM, BN, BD = _blocks(D, block_m, block_n)
     out = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device) if out is None else out
     if B * Hq * Nq == 0: return out
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    prec, upcast = _precision(q)
     _kernels()[0][(triton.cdiv(Nq, BM), B * Hq)](
         q, k, out, *q.stride(), *k.stride(), *out.stride(), Hq, G, Nq, Nk, Nk - Nq, scale * _LOG2E,
-        D=D, CAUSAL=bool(causal), PREC=prec, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, num_warps=num_warps)
+        D=D, CAUSAL=bool(causal), PREC=prec, UPCAST=upcast, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, num_warps=num_warps)
     return out
 
 def _triton_importance(q, k, W, lse, causal, scale, G, reduce_sum, out=None, block_m=None, block_n=None, num_warps=4):
@@ -270,14 +282,14 @@ def _triton_importance(q, k, W, lse, causal, scale, G, reduce_sum, out=None, blo
     out = torch.empty(B, Hout, Nk, dtype=torch.float32, device=q.device) if out is None else out
     if B * Hout * Nk == 0: return out
     kv_div, h0_mul, ng = (1, G, G) if reduce_sum else (G, 1, 1)
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    prec, upcast = _precision(q)
     _kernels()[1][(triton.cdiv(Nk, BN), B * Hout)](
         q, k, W, lse, out, *q.stride(), *k.stride(), *W.stride(), *lse.stride(), *out.stride(),
         Hout, kv_div, h0_mul, ng, Nq, Nk, Nk - Nq, scale * _LOG2E,
-        D=D, CAUSAL=bool(causal), PREC=prec, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, num_warps=num_warps)
+        D=D, CAUSAL=bool(causal), PREC=prec, UPCAST=upcast, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, num_warps=num_warps)
     return out
 
-# %% ../../nbs/40_kernels.attention.ipynb #717b4020
+# %% ../../nbs/40_kernels.attention.ipynb #b9dfe5e9
 def _pick_impl(q, impl):
     if impl == "auto": return "triton" if (q.is_cuda and _triton_ready(q) is None) else "torch"
     if impl == "triton":
