@@ -1,0 +1,249 @@
+"Encoder token pruning on the real MiniLM-L6 encoder: exactness at keep=1, subsets, reference checks, monotone fidelity."
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tokexp.core import ConfigError, InputError
+from tokexp.prune.encoder import (AttentionReceived, DivPrune, EncoderPruner, KeepFirst, LayerState, PrunedEncoder,
+                                  RandomPrune, ToMeMerge, ZeroTPrune, bipartite_merge, cosine_fidelity,
+                                  encoder_pruners, load_minilm, maxmin_greedy, retrieval_agreement, weighted_pagerank)
+
+TEXTS = [
+    "All human beings are born free and equal in dignity and rights. They are endowed with reason and conscience "
+    "and should act towards one another in a spirit of brotherhood.",
+    "Everyone has the right to life, liberty and security of person.",
+    "No one shall be held in slavery or servitude; slavery and the slave trade shall be prohibited in all their forms.",
+    "Everyone has the right to freedom of thought, conscience and religion; this right includes freedom to change his "
+    "religion or belief, and freedom, either alone or in community with others and in public or private, to manifest "
+    "his religion or belief in teaching, practice, worship and observance.",
+    "a member of the genus Canis that has been domesticated by man since prehistoric times",
+    "the dog barked all night",
+    "a small domesticated carnivorous mammal with soft fur, a short snout, and retractable claws",
+    "an arrangement of parts or elements in a particular form, figure, or combination",
+    "the rate at which a body moves through space, measured over a long stretch of road",
+    "he walked slowly down the long empty street while the rain kept falling on the old town",
+    "Everyone has the right to rest and leisure, including reasonable limitation of working hours and periodic "
+    "holidays with pay.",
+    "Everyone has the right to education. Education shall be free, at least in the elementary and fundamental stages.",
+]
+METHODS = ["first", "attention", "zero_tprune", "divprune", "tome"]
+
+
+@pytest.fixture(scope="module")
+def enc():
+    return PrunedEncoder.from_pretrained(batch_size=5)
+
+
+@pytest.fixture(scope="module")
+def ref(enc):
+    return enc.encode(TEXTS)
+
+
+def test_unpruned_matches_model_forward(enc, ref):
+    bt = enc.tok(TEXTS, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    with torch.no_grad():
+        last = enc.model(**bt).last_hidden_state
+    m = bt["attention_mask"][..., None].float()
+    want = F.normalize((last*m).sum(1)/m.sum(1), dim=-1)
+    assert torch.allclose(ref.embeddings, want, atol=1e-5)
+    # the same model with sdpa attention gives the same embeddings through the unpruned path
+    model, tok = load_minilm(attn_implementation="sdpa")
+    sd = PrunedEncoder(model, tok).encode(TEXTS)
+    assert torch.allclose(sd.embeddings, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", encoder_pruners.names())
+def test_keep_one_is_exact(enc, ref, name):
+    r = enc.encode(TEXTS, encoder_pruners[name](keep=1.0), prune_after=(1, 2, 4))
+    assert torch.allclose(r.embeddings, ref.embeddings, atol=1e-5)
+    assert r.tokens_per_layer.tolist() == ref.tokens_per_layer.tolist()
+    assert r.notes  # every no-op is reported
+
+
+@pytest.mark.parametrize("name", encoder_pruners.names())
+def test_kept_subset_cls_sep_and_shorter(enc, ref, name):
+    r = enc.encode(TEXTS, encoder_pruners[name](keep=0.4), prune_after=(2, 4))
+    for kept, n, a in zip(r.kept, r.lengths.tolist(), r.assign):
+        ks = kept.tolist()
+        assert len(set(ks)) == len(ks) and set(ks) <= set(range(n))
+        assert 0 in ks and n - 1 in ks  # [CLS] and [SEP]
+        assert len(a) == n and int(a.max()) + 1 == len(ks)
+        # budget: two pruning points at 40 % each, rounded up (merging cannot remove the last unprotected token)
+        assert len(ks) <= max(3, math.ceil(0.4*math.ceil(0.4*n)))
+    tl = r.tokens_per_layer.tolist()
+    assert tl[:2] == ref.tokens_per_layer[:2].tolist()
+    assert tl[2] < tl[1] and tl[4] < tl[3]  # later layers really run on fewer tokens
+    assert r.flops < ref.flops
+
+
+def test_merge_assigns_every_token(enc):
+    r = enc.encode(TEXTS, ToMeMerge(keep=0.3))
+    for a, kept in zip(r.assign, r.kept):
+        assert (a >= 0).all()  # merging never drops a token
+        assert torch.equal(torch.unique(a), torch.arange(len(kept)))
+
+
+def test_fidelity_decreases_with_keep(enc, ref):
+    keeps = [1.0, 0.8, 0.6, 0.4, 0.25]
+    for name in METHODS:
+        fid = [float(cosine_fidelity(ref.embeddings, enc.encode(TEXTS, encoder_pruners[name](keep=k)).embeddings).mean())
+               for k in keeps]
+        assert fid[0] == pytest.approx(1.0, abs=1e-5)
+        assert all(b <= a + 0.01 for a, b in zip(fid, fid[1:])), (name, fid)
+        assert fid[-1] < fid[0]
+        assert fid[1] > 0.85, (name, fid)  # light pruning keeps the embedding close (measured 0.92-0.97)
+
+
+def test_retrieval_agreement_full_is_perfect(ref):
+    ag = retrieval_agreement(ref.embeddings[:4], ref.embeddings, ref.embeddings[:4], ref.embeddings, k=3)
+    assert ag["overlap"].tolist() == [1.0]*4 and ag["top1"].all()
+
+
+def _numpy_pagerank(a, d, iters=2000):
+    n = a.shape[0]
+    s = np.full(n, 1/n)
+    for _ in range(iters):
+        s = d*(s @ a) + (1 - d)/n
+        s /= s.sum()
+    return s
+
+
+@pytest.mark.parametrize("n,d", [(3, 1.0), (7, 0.85), (16, 1.0), (16, 0.5)])
+def test_pagerank_matches_numpy_and_closed_form(n, d):
+    g = torch.Generator().manual_seed(n)
+    a = torch.softmax(torch.randn(n, n, generator=g, dtype=torch.float64)*2, -1)
+    got = weighted_pagerank(a, iters=5000, damping=d, tol=1e-12).double().numpy()
+    np.testing.assert_allclose(got, _numpy_pagerank(a.numpy(), d), atol=1e-6)
+    if d < 1:
+        closed = np.linalg.solve(np.eye(n) - d*a.numpy().T, np.full(n, (1 - d)/n))
+    else:  # stationary distribution: left eigenvector of eigenvalue 1
+        w, v = np.linalg.eig(a.numpy().T)
+        closed = np.real(v[:, np.argmin(np.abs(w - 1))])
+    np.testing.assert_allclose(got, closed/closed.sum(), atol=1e-6)
+
+
+def test_pagerank_star_graph():
+    # everyone attends only to node 0, node 0 attends to itself: all mass ends on node 0
+    a = torch.zeros(5, 5); a[:, 0] = 1
+    s = weighted_pagerank(a)
+    assert torch.allclose(s, torch.tensor([1., 0, 0, 0, 0]))
+
+
+def _brute_maxmin_greedy(x, k, seed=()):
+    f = x/np.linalg.norm(x, axis=1, keepdims=True)
+    dist = np.clip(1 - f @ f.T, 0, None)
+    chosen = list(seed)
+    if not chosen:
+        nn = [min(dist[i, j] for j in range(len(x)) if j != i) for i in range(len(x))]
+        chosen = [int(np.argmax(nn))]
+    while len(chosen) < k:
+        best = max((j for j in range(len(x)) if j not in chosen), key=lambda j: min(dist[j, c] for c in chosen))
+        chosen.append(best)
+    return chosen
+
+
+@pytest.mark.parametrize("seed", [(), (0,), (3, 5)])
+def test_divprune_is_maxmin_greedy(seed):
+    rng = np.random.default_rng(1)
+    ang = rng.uniform(0, 2*np.pi, 20)  # distinct directions in 2-D, no ties
+    x = np.stack([np.cos(ang), np.sin(ang)], 1)*rng.uniform(0.5, 2, (20, 1))
+    got = maxmin_greedy(torch.tensor(x), 8, seed=seed).tolist()
+    assert got == _brute_maxmin_greedy(x, 8, seed)
+
+
+def test_divprune_spreads_over_clusters():
+    # three tight clusters of directions: 3 picks take one of each
+    ang = np.concatenate([np.linspace(0, .05, 5), np.linspace(2, 2.05, 5), np.linspace(4, 4.05, 5)])
+    x = torch.tensor(np.stack([np.cos(ang), np.sin(ang)], 1))
+    picked = maxmin_greedy(x, 3).tolist()
+    assert sorted(p//5 for p in picked) == [0, 1, 2]
+
+
+def test_tome_preserves_size_weighted_mean():
+    g = torch.Generator().manual_seed(0)
+    n = 23
+    st = LayerState(torch.randn(n, 6, generator=g, dtype=torch.float64), keys=torch.randn(n, 6, generator=g, dtype=torch.float64),
+                    sizes=torch.randint(1, 4, (n,), generator=g).double(),
+                    protected=torch.tensor([True] + [False]*(n - 2) + [True]), layer=1)
+    red = ToMeMerge(keep=5).prune(st)  # several bipartite rounds
+    assert red.hidden.shape[0] == 5
+    assert torch.isclose(red.sizes.sum(), st.sizes.sum())
+    want = (st.hidden*st.sizes[:, None]).sum(0)/st.sizes.sum()
+    got = (red.hidden*red.sizes[:, None]).sum(0)/red.sizes.sum()
+    assert torch.allclose(got, want, atol=1e-10)
+    # each slot is the size-weighted mean of the original tokens assigned to it
+    for j in range(5):
+        m = red.slot == j
+        assert torch.allclose(red.hidden[j], (st.hidden[m]*st.sizes[m, None]).sum(0)/st.sizes[m].sum(), atol=1e-10)
+    assert red.slot[0] == 0 and red.slot[-1] == 4 and red.protected[[0, -1]].all()
+
+
+def test_bipartite_merge_plain_mean():
+    ang = torch.tensor([0.0, 0.01, 2.0, 3.0])  # A = {0, 2}, B = {1, 3}; token 0 is nearly token 1
+    met = torch.stack([ang.cos(), ang.sin()], 1)
+    x = torch.tensor([[0.], [1.], [10.], [20.]]); sizes = torch.tensor([1., 5, 1, 1])
+    xm, sz, slot, surv = bipartite_merge(x, met, sizes, 1, size_weighted=False)
+    assert xm[:, 0].tolist() == [0.5, 10.0, 20.0] and sz.tolist() == [6, 1, 1]
+    assert slot.tolist() == [0, 0, 1, 2] and surv.tolist() == [False, True, True, True]
+    xw, *_ = bipartite_merge(x, met, sizes, 1, size_weighted=True)
+    assert xw[0, 0].item() == pytest.approx(5/6)
+
+
+def test_zero_tprune_stages():
+    g = torch.Generator().manual_seed(3)
+    n = 20
+    h = torch.randn(n, 8, generator=g)
+    keys = h.clone(); keys[5] = keys[6]*1.001  # token 5 duplicates token 6
+    attn = torch.full((2, n, n), 0.2/n); attn[:, :, 6] += 0.8  # everyone attends to token 6
+    attn = attn/attn.sum(-1, keepdim=True)
+    prot = torch.zeros(n, dtype=torch.bool); prot[[0, n - 1]] = True
+    st = LayerState(h, attn, keys, protected=prot, layer=1)
+    zp = ZeroTPrune(keep=n - 1, s_frac=1.0)  # remove one token by similarity only
+    assert int(zp.importance(st).argmax()) == 6
+    red = zp.prune(st)
+    assert 5 not in red.index.tolist() and 6 in red.index.tolist()  # the less important twin goes
+    red_i = ZeroTPrune(keep=4, s_frac=0.0).prune(st)
+    assert 6 in red_i.index.tolist() and red_i.index.tolist()[0] == 0
+
+
+def test_random_is_seeded():
+    st = LayerState(torch.randn(30, 4), protected=torch.tensor([True] + [False]*28 + [True]))
+    a = RandomPrune(keep=0.3, seed=7).prune(st).index
+    b = RandomPrune(keep=0.3, seed=7).prune(st).index
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad,msg", [(0.0, "(0, 1]"), (-0.5, "(0, 1]"), (1.01, "(0, 1]"), (0, ">= 1"), (-3, ">= 1"),
+                                     (True, "keep must be"), ("0.5", "keep must be"), (None, "keep must be")])
+def test_bad_keep(bad, msg):
+    with pytest.raises(ConfigError, match=None) as e: DivPrune(keep=bad)
+    assert msg in str(e.value)
+
+
+def test_budget_larger_than_sequence_is_noop(enc, ref):
+    r = enc.encode(TEXTS[:3], ZeroTPrune(keep=10_000))
+    assert torch.allclose(r.embeddings, ref.embeddings[:3], atol=1e-5)
+    assert any("nothing pruned" in n for n in r.notes)
+
+
+def test_bad_inputs(enc):
+    with pytest.raises(InputError, match="at least one"): enc.encode([])
+    with pytest.raises(InputError, match="strings"): enc.encode([b"bytes"])
+    with pytest.raises(ConfigError, match="1..6"): enc.encode(TEXTS, DivPrune(0.5), prune_after=(7,))
+    with pytest.raises(ConfigError, match="EncoderPruner"): enc.encode(TEXTS, "tome")
+    with pytest.raises(ConfigError, match="did you mean|Did you mean"): encoder_pruners["zero-tprune"]
+    with pytest.raises(InputError, match="shapes"): cosine_fidelity(torch.ones(2, 3), torch.ones(3, 3))
+    with pytest.raises(InputError, match="BERT-style"): PrunedEncoder(torch.nn.Linear(2, 2), enc.tok)
+    with pytest.raises(ConfigError, match="mode"): AttentionReceived(mode="max")
+
+
+def test_attention_pruner_needs_eager():
+    model, tok = load_minilm(attn_implementation="sdpa")
+    e = PrunedEncoder(model, tok)
+    with pytest.raises(InputError, match="eager"): e.encode(TEXTS[:2], ZeroTPrune(0.5))
+    with pytest.raises(InputError, match="eager"): e.encode(TEXTS[:2], AttentionReceived(0.5))
+    # attention-free methods work on any attention implementation
+    assert e.encode(TEXTS[:2], DivPrune(0.5)).embeddings.shape == (2, 384)
