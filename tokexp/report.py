@@ -7,7 +7,7 @@ __all__ = ['experiments_dir', 'list_experiments', 'experiment_path', 'Param', 't
            'resolve_parameters', 'reports_dir', 'run_id', 'RunResult', 'save_metrics', 'output_dir_for',
            'run_experiment', 'run_experiments', 'cli_run']
 
-# %% ../nbs/50_report.ipynb #37d6abdd
+# %% ../nbs/50_report.ipynb #2bfa9d4b
 import json, os, re, shutil, signal, sys, tempfile, time, traceback, datetime as _dt
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +16,7 @@ from .core import (ConfigError, InputError, TokexpError, AssetMissingError, load
                          project_root, unknown_name_message, write_json, read_json, sha256_file, stable_hash, environment_info,
                          atomic_write)
 
-# %% ../nbs/50_report.ipynb #852daa81
+# %% ../nbs/50_report.ipynb #53ffa32a
 def experiments_dir()->Path:
     "Folder holding the experiment templates."
     return project_root()/"nbs"/"experiments"
@@ -34,7 +34,7 @@ def experiment_path(name:str # experiment name (template file stem) or a path to
     if not p.exists(): raise ConfigError(unknown_name_message("experiment", name, list_experiments()))
     return p
 
-# %% ../nbs/50_report.ipynb #d8ef1b9a
+# %% ../nbs/50_report.ipynb #f07663ac
 @dataclass
 class Param:
     "One declared template parameter."
@@ -60,7 +60,7 @@ def template_parameters(name:str)->dict[str, Param]:
         out[k] = Param(k, (v["inferred_type_name"] or "None").strip(), default, v.get("help") or "")
     return out
 
-# %% ../nbs/50_report.ipynb #82343b1e
+# %% ../nbs/50_report.ipynb #6fe56fd5
 _SIMPLE = {"int": int, "float": float, "bool": bool, "str": str, "list": list, "dict": dict, "tuple": tuple}
 
 def _base_type(tname:str):
@@ -112,7 +112,7 @@ def resolve_parameters(name:str, # experiment
     if "profile" in decl: out["profile"] = profile
     return out
 
-# %% ../nbs/50_report.ipynb #ba8a6590
+# %% ../nbs/50_report.ipynb #be938c39
 def reports_dir(profile:str|None=None)->Path:
     "Root folder of executed reports: `$TOKEXP_REPORTS_DIR`, else `reports_dir` from settings.ini."
     env = os.environ.get("TOKEXP_REPORTS_DIR")
@@ -160,7 +160,7 @@ def output_dir_for(experiment:str, output_dir:str|Path|None="")->Path:
     p.mkdir(parents=True, exist_ok=True)
     return p
 
-# %% ../nbs/50_report.ipynb #54339069
+# %% ../nbs/50_report.ipynb #990516c8
 def _finished(folder:Path)->bool:
     return (folder/"metrics.json").exists() and (folder/"run.json").exists()
 
@@ -201,6 +201,8 @@ def run_experiment(name:str, # experiment name
         metrics = read_json(tmp/"metrics.json")
         write_json(tmp/"metrics.json", {**metrics, "_run": run})
         nb = nbformat.read(nb_out, as_version=4); nb.metadata["tokexp"] = run
+        for c in nb.cells:  # the report should name where it lives, not the temporary folder it ran in
+            if "injected-parameters" in c.metadata.get("tags", []): c.source = c.source.replace(str(tmp), str(final))
         with atomic_write(nb_out) as f: nbformat.write(nb, f)
         write_json(tmp/"run.json", run)
         if final.exists(): shutil.rmtree(final)
@@ -243,7 +245,7 @@ def run_experiments(names:Iterable[str]|None=None, # experiments (default: all t
         results.append(r)
     return results
 
-# %% ../nbs/50_report.ipynb #d9e82bd3
+# %% ../nbs/50_report.ipynb #f70cef46
 def cli_run(argv:list[str]|None=None)->int:
     "`tokexp run [EXPERIMENT ...] [--profile P] [-p NAME VALUE ...] [--force]`."
     import argparse
