@@ -6,13 +6,13 @@
 __all__ = ['IMPLS', 'VocabStats', 'check_logits', 'check_finite', 'check_targets', 'default_chunk', 'vocab_stats_torch',
            'check_pair', 'cross_stats_torch', 'vocab_stats_triton', 'cross_stats_triton', 'vocab_stats', 'cross_stats']
 
-# %% ../../nbs/21_kernels.vocab.ipynb #e7ca7acb
+# %% ../../nbs/21_kernels.vocab.ipynb #4cf1c77f
 import math, os
 from dataclasses import dataclass, fields
 import torch
 from ..core import InputError, ConfigError
 
-# %% ../../nbs/21_kernels.vocab.ipynb #d149daf8
+# %% ../../nbs/21_kernels.vocab.ipynb #95d97443
 @dataclass
 class VocabStats:
     "Per-position statistics of a distribution over the vocabulary; every field has shape `logits.shape[:-1]`."
@@ -44,7 +44,7 @@ class VocabStats:
     @property
     def shape(self): return self.lse.shape
 
-# %% ../../nbs/21_kernels.vocab.ipynb #edc1cc05
+# %% ../../nbs/21_kernels.vocab.ipynb #edbeb8a0
 def _where(mask:torch.Tensor, lead:tuple)->str:
     "Human-readable position of the first True entry of `mask` (shape `lead`)."
     i = int(torch.nonzero(mask.reshape(-1))[0, 0])
@@ -99,7 +99,7 @@ def check_targets(targets:torch.Tensor, # [...] integer token ids
                              "padding positions need a valid placeholder id (and a mask)")
     return targets.long()
 
-# %% ../../nbs/21_kernels.vocab.ipynb #fd37d3ff
+# %% ../../nbs/21_kernels.vocab.ipynb #61f7303e
 def default_chunk(V:int, # vocabulary size
                   budget:int=1<<22, # elements per [chunk, V] temporary (4M fp32 = 16 MiB)
                  )->int:
@@ -109,16 +109,20 @@ def default_chunk(V:int, # vocabulary size
 def _torch_rows(x:torch.Tensor, t:torch.Tensor, dtype:torch.dtype):
     "Statistics of a [n, V] block of rows `x` with targets `t` [n], computed in `dtype`."
     x = x.to(dtype)
-    lse = torch.logsumexp(x, -1)
-    lp = x - lse[:, None]
-    p = lp.exp()
-    pos = p > 0
-    mean = torch.where(pos, p * lp, 0).sum(-1)
-    var = torch.where(pos, p * (lp - mean[:, None]).square(), 0).sum(-1)
+    mx = x.amax(-1, keepdim=True)
+    p = (x - mx).exp_()
+    s0 = p.sum(-1, keepdim=True)  # >= 1: the maximum contributes exp(0)
+    c = s0.log()
+    lp = (x - mx).sub_(c).clamp_(min=-1e18)  # entries below have p == 0 exactly; the clamp keeps 0·lp and 0·lp² finite
+    p.div_(s0)
+    mean = (p * lp).sum(-1)
+    lp.sub_(mean[:, None])  # centered: the variance never cancels
+    var = (p * lp).mul_(lp).sum(-1)
     xt = x.gather(-1, t[:, None])
     rank = (x > xt).sum(-1) + 1
-    mass = torch.where(x >= xt, p, 0).sum(-1)
-    return lse, xt[:, 0] - lse, rank, -mean, x.amax(-1) - lse, mass.clamp_(max=1.0), mean, var
+    mass = p.masked_fill_(x < xt, 0).sum(-1)
+    lse = (mx + c)[:, 0]
+    return lse, xt[:, 0] - lse, rank, -mean, -c[:, 0], mass.clamp_(max=1.0), mean, var
 
 def vocab_stats_torch(logits:torch.Tensor, # [..., V] logits, any float dtype
                       targets:torch.Tensor, # [...] int target ids in [0, V)
@@ -140,7 +144,7 @@ def vocab_stats_torch(logits:torch.Tensor, # [..., V] logits, any float dtype
         for o, r in zip(outs, _torch_rows(xs, t[s:s+step], dtype)): o[s:s+step] = r
     return VocabStats(*(o.reshape(lead) for o in outs))
 
-# %% ../../nbs/21_kernels.vocab.ipynb #78bcd6cc
+# %% ../../nbs/21_kernels.vocab.ipynb #fc8fc48b
 def check_pair(logits_ref:torch.Tensor, logits_score:torch.Tensor)->int:
     "Validate two logits tensors over the same vocabulary and positions; return V."
     V = check_logits(logits_ref, "logits_ref"); V2 = check_logits(logits_score, "logits_score")
@@ -174,7 +178,7 @@ def cross_stats_torch(logits_ref:torch.Tensor, # [..., V] logits of the referenc
         m2[a:a+step] = torch.where(pos, p * lq.square(), 0).sum(-1)
     return m1.reshape(lead), m2.reshape(lead)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #42545764
+# %% ../../nbs/21_kernels.vocab.ipynb #29094bac
 try:
     import triton
     import triton.language as tl
@@ -193,7 +197,7 @@ def _jit(fn):
     if key not in _JITTED: _JITTED[key] = triton.jit(fn)
     return _JITTED[key]
 
-# %% ../../nbs/21_kernels.vocab.ipynb #11e9bff7
+# %% ../../nbs/21_kernels.vocab.ipynb #f6c513f4
 if HAS_TRITON:
     def _vocab_kernel(X, T, stride_x, V, cols_per_split,
                       LSE, LOGP, RANK, ENT, MAXLP, MASS, MEAN, VAR, BAD,   # final outputs (SPLIT == False)
@@ -295,7 +299,7 @@ if HAS_TRITON:
         tl.store(VAR + row, tl.maximum(S2 / S0 - mu * mu, 0.0))
         tl.store(BAD + row, bad)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #98a147c5
+# %% ../../nbs/21_kernels.vocab.ipynb #9b664ff0
 def _check_triton_device(x:torch.Tensor):
     "Raise a clear error when the Triton kernel cannot run on `x`'s device."
     if not HAS_TRITON: raise ConfigError("impl='triton' needs the triton package; use impl='torch'")
@@ -347,7 +351,7 @@ def vocab_stats_triton(logits:torch.Tensor, # [..., V] logits, fp32/bf16/fp16
         raise InputError("logits contain NaN or ±inf")  # pragma: no cover (check_finite raises first)
     return VocabStats(*(v.reshape(lead) for v in o))
 
-# %% ../../nbs/21_kernels.vocab.ipynb #eb4dd2d4
+# %% ../../nbs/21_kernels.vocab.ipynb #5560fa2e
 if HAS_TRITON:
     def _cross_kernel(R, S, stride_r, stride_s, V, M1, M2, BAD, BLOCK_V: tl.constexpr):
         "Streaming E_{p_ref}[log p_score] and E_{p_ref}[(log p_score)^2] of one row."
@@ -388,7 +392,7 @@ if HAS_TRITON:
         tl.store(M2 + row, A2 / W - 2.0 * c * e1 + c * c)
         tl.store(BAD + row, bad)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #49a7886b
+# %% ../../nbs/21_kernels.vocab.ipynb #c72da73b
 def cross_stats_triton(logits_ref:torch.Tensor, # [..., V] logits of the reference (sampling) model
                        logits_score:torch.Tensor, # [..., V] logits of the scoring model, same shape
                        block_v:int|None=None, # tile size (power of 2; None: min(4096, next pow2 of V))
@@ -411,7 +415,7 @@ def cross_stats_triton(logits_ref:torch.Tensor, # [..., V] logits of the referen
             check_finite(r, "logits_ref", lead); check_finite(s, "logits_score", lead)
     return m1.reshape(lead), m2.reshape(lead)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #f88afcaf
+# %% ../../nbs/21_kernels.vocab.ipynb #607c641f
 IMPLS = ("auto", "triton", "torch")
 
 def _use_triton(x:torch.Tensor, impl:str)->bool:
