@@ -278,3 +278,72 @@ def test_cross_extremes_and_half():
     m1, m2 = cross_stats_triton(rb, sb, block_v=64)
     w1, w2 = cross64(rb, sb)
     torch.testing.assert_close(m1.cpu().double(), w1, atol=1e-2, rtol=1e-5)
+
+
+# --- fused LM head: statistics from hidden states --------------------------------------------------------------------
+
+from tokexp.kernels.vocab import vocab_stats_from_hidden, vocab_stats_from_hidden_torch, vocab_stats_from_hidden_triton  # noqa: E402
+
+
+def hidden_case(shape, d, V, seed, dtype=torch.float32, with_bias=True):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(*shape, d, generator=g, dtype=torch.float64)
+    w = torch.randn(V, d, generator=g, dtype=torch.float64) * (2 / math.sqrt(d))
+    b = torch.randn(V, generator=g, dtype=torch.float64) if with_bias else None
+    t = torch.randint(0, V, tuple(shape), generator=g)
+    cast = lambda v: None if v is None else v.to(dtype).to(DEV)
+    return cast(h), cast(w), cast(b), t.to(DEV)
+
+
+def hidden_ref64(h, w, b, t):
+    x = h.cpu().double() @ w.cpu().double().T + (0 if b is None else b.cpu().double())
+    return ref64(x, t)
+
+
+@pytest.mark.parametrize("shape,d,V,bias", [((5,), 24, 50, True), ((2, 3), 40, 300, False), ((1,), 16, 1, True),
+                                            ((17,), 70, 129, True)])
+def test_hidden_kernel_matches_float64(shape, d, V, bias):
+    h, w, b, t = hidden_case(shape, d, V, seed=40 + V, with_bias=bias)
+    want = hidden_ref64(h, w, b, t)
+    assert_close_stats(vocab_stats_from_hidden_triton(h, w, t, b, block_n=16, block_v=64, block_d=16), want, atol=5e-5, rtol=5e-5)
+    assert_close_stats(vocab_stats_from_hidden_torch(h, w, t, b, chunk=4), want, atol=5e-5, rtol=5e-5)
+    assert_close_stats(vocab_stats_from_hidden(h, w, t, b), want, atol=5e-5, rtol=5e-5)
+
+
+def test_hidden_kernel_bf16():
+    h, w, b, t = hidden_case((2, 5), 32, 200, seed=50, dtype=torch.bfloat16)
+    want = hidden_ref64(h, w, b, t)  # same rounded bf16 inputs, float64 math; the kernel accumulates in fp32
+    assert_close_stats(vocab_stats_from_hidden_triton(h, w, t, b, block_v=64, block_d=16), want, atol=1e-4, rtol=1e-4, rank_exact=False)
+
+
+def test_hidden_kernel_ties_exact_integers():
+    # small integers: every logit is exact in fp32 whatever the summation order, so ties are exact ties
+    V, d = 70, 16
+    g = torch.Generator().manual_seed(3)
+    w = torch.randint(-2, 3, (V, d), generator=g).float()
+    w[10:20] = w[5]  # ten duplicates of token 5
+    h = torch.randint(-2, 3, (20, d), generator=g).float()
+    t = torch.full((20,), 5); t[::2] = 12
+    h, w, t = h.to(DEV), w.to(DEV), t.to(DEV)
+    st = vocab_stats_from_hidden_triton(h, w, t, block_v=32, block_d=16)
+    assert_close_stats(st, ref64(h @ w.T, t))
+
+
+def test_hidden_poisoned_and_bad_input():
+    h, w, b, t = hidden_case((20,), 24, 90, seed=60)
+    out = VocabStats(*(torch.full((20,), -7, dtype=torch.int64, device=DEV) if f == "rank"
+                       else torch.full((20,), float("nan"), device=DEV) for f in FIELDS))
+    vocab_stats_from_hidden_triton(h, w, t, b, out=out, block_v=32, block_d=16)
+    assert_close_stats(out, hidden_ref64(h, w, b, t), atol=5e-5, rtol=5e-5)
+    h2 = h.clone(); h2[7, 3] = float("nan")
+    for impl in ("triton", "torch"):
+        with pytest.raises(InputError, match=r"NaN or ±inf at position \(7,\)"):
+            vocab_stats_from_hidden(h2, w, t, b, impl=impl)
+        with pytest.raises(InputError, match="does not match the LM-head weight"):
+            vocab_stats_from_hidden(h[:, :-1], w, t, b, impl=impl)
+        with pytest.raises(InputError, match=r"bias must have shape \(90,\)"):
+            vocab_stats_from_hidden(h, w, t, b[:-1], impl=impl)
+        with pytest.raises(InputError, match="outside the vocabulary"):
+            vocab_stats_from_hidden(h, w, t + 90, b, impl=impl)
+    with pytest.raises(InputError, match="same dtype"):
+        vocab_stats_from_hidden_triton(h, w.double(), t, b)

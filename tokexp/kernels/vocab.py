@@ -4,15 +4,16 @@
 
 # %% auto #0
 __all__ = ['IMPLS', 'VocabStats', 'check_logits', 'check_finite', 'check_targets', 'default_chunk', 'vocab_stats_torch',
-           'check_pair', 'cross_stats_torch', 'vocab_stats_triton', 'cross_stats_triton', 'vocab_stats', 'cross_stats']
+           'check_pair', 'cross_stats_torch', 'vocab_stats_triton', 'cross_stats_triton', 'vocab_stats', 'cross_stats',
+           'check_hidden', 'vocab_stats_from_hidden_torch', 'vocab_stats_from_hidden_triton', 'vocab_stats_from_hidden']
 
-# %% ../../nbs/21_kernels.vocab.ipynb #4cf1c77f
+# %% ../../nbs/21_kernels.vocab.ipynb #3db90678
 import math, os
 from dataclasses import dataclass, fields
 import torch
 from ..core import InputError, ConfigError
 
-# %% ../../nbs/21_kernels.vocab.ipynb #95d97443
+# %% ../../nbs/21_kernels.vocab.ipynb #ed4b27ef
 @dataclass
 class VocabStats:
     "Per-position statistics of a distribution over the vocabulary; every field has shape `logits.shape[:-1]`."
@@ -44,7 +45,7 @@ class VocabStats:
     @property
     def shape(self): return self.lse.shape
 
-# %% ../../nbs/21_kernels.vocab.ipynb #edbeb8a0
+# %% ../../nbs/21_kernels.vocab.ipynb #14350580
 def _where(mask:torch.Tensor, lead:tuple)->str:
     "Human-readable position of the first True entry of `mask` (shape `lead`)."
     i = int(torch.nonzero(mask.reshape(-1))[0, 0])
@@ -99,7 +100,7 @@ def check_targets(targets:torch.Tensor, # [...] integer token ids
                              "padding positions need a valid placeholder id (and a mask)")
     return targets.long()
 
-# %% ../../nbs/21_kernels.vocab.ipynb #61f7303e
+# %% ../../nbs/21_kernels.vocab.ipynb #8d449911
 def default_chunk(V:int, # vocabulary size
                   budget:int=1<<22, # elements per [chunk, V] temporary (4M fp32 = 16 MiB)
                  )->int:
@@ -144,7 +145,7 @@ def vocab_stats_torch(logits:torch.Tensor, # [..., V] logits, any float dtype
         for o, r in zip(outs, _torch_rows(xs, t[s:s+step], dtype)): o[s:s+step] = r
     return VocabStats(*(o.reshape(lead) for o in outs))
 
-# %% ../../nbs/21_kernels.vocab.ipynb #fc8fc48b
+# %% ../../nbs/21_kernels.vocab.ipynb #5fa95489
 def check_pair(logits_ref:torch.Tensor, logits_score:torch.Tensor)->int:
     "Validate two logits tensors over the same vocabulary and positions; return V."
     V = check_logits(logits_ref, "logits_ref"); V2 = check_logits(logits_score, "logits_score")
@@ -178,7 +179,7 @@ def cross_stats_torch(logits_ref:torch.Tensor, # [..., V] logits of the referenc
         m2[a:a+step] = torch.where(pos, p * lq.square(), 0).sum(-1)
     return m1.reshape(lead), m2.reshape(lead)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #29094bac
+# %% ../../nbs/21_kernels.vocab.ipynb #5cbe28d4
 try:
     import triton
     import triton.language as tl
@@ -197,7 +198,7 @@ def _jit(fn):
     if key not in _JITTED: _JITTED[key] = triton.jit(fn)
     return _JITTED[key]
 
-# %% ../../nbs/21_kernels.vocab.ipynb #f6c513f4
+# %% ../../nbs/21_kernels.vocab.ipynb #76353370
 if HAS_TRITON:
     def _vocab_kernel(X, T, stride_x, V, cols_per_split,
                       LSE, LOGP, RANK, ENT, MAXLP, MASS, MEAN, VAR, BAD,   # final outputs (SPLIT == False)
@@ -299,7 +300,7 @@ if HAS_TRITON:
         tl.store(VAR + row, tl.maximum(S2 / S0 - mu * mu, 0.0))
         tl.store(BAD + row, bad)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #9b664ff0
+# %% ../../nbs/21_kernels.vocab.ipynb #da98d26d
 def _check_triton_device(x:torch.Tensor):
     "Raise a clear error when the Triton kernel cannot run on `x`'s device."
     if not HAS_TRITON: raise ConfigError("impl='triton' needs the triton package; use impl='torch'")
@@ -351,7 +352,7 @@ def vocab_stats_triton(logits:torch.Tensor, # [..., V] logits, fp32/bf16/fp16
         raise InputError("logits contain NaN or ±inf")  # pragma: no cover (check_finite raises first)
     return VocabStats(*(v.reshape(lead) for v in o))
 
-# %% ../../nbs/21_kernels.vocab.ipynb #5560fa2e
+# %% ../../nbs/21_kernels.vocab.ipynb #cbcb8eb6
 if HAS_TRITON:
     def _cross_kernel(R, S, stride_r, stride_s, V, M1, M2, BAD, BLOCK_V: tl.constexpr):
         "Streaming E_{p_ref}[log p_score] and E_{p_ref}[(log p_score)^2] of one row."
@@ -392,7 +393,7 @@ if HAS_TRITON:
         tl.store(M2 + row, A2 / W - 2.0 * c * e1 + c * c)
         tl.store(BAD + row, bad)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #c72da73b
+# %% ../../nbs/21_kernels.vocab.ipynb #5d9ec148
 def cross_stats_triton(logits_ref:torch.Tensor, # [..., V] logits of the reference (sampling) model
                        logits_score:torch.Tensor, # [..., V] logits of the scoring model, same shape
                        block_v:int|None=None, # tile size (power of 2; None: min(4096, next pow2 of V))
@@ -415,7 +416,7 @@ def cross_stats_triton(logits_ref:torch.Tensor, # [..., V] logits of the referen
             check_finite(r, "logits_ref", lead); check_finite(s, "logits_score", lead)
     return m1.reshape(lead), m2.reshape(lead)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #607c641f
+# %% ../../nbs/21_kernels.vocab.ipynb #6e108aa0
 IMPLS = ("auto", "triton", "torch")
 
 def _use_triton(x:torch.Tensor, impl:str)->bool:
@@ -440,3 +441,168 @@ def cross_stats(logits_ref:torch.Tensor, # [..., V] reference (sampling) model l
     check_pair(logits_ref, logits_score)
     f = cross_stats_triton if _use_triton(logits_ref, impl) else cross_stats_torch
     return f(logits_ref, logits_score)
+
+# %% ../../nbs/21_kernels.vocab.ipynb #1d9f3b62
+def check_hidden(hidden:torch.Tensor, weight:torch.Tensor, bias:torch.Tensor|None)->tuple[int, int]:
+    "Validate hidden states [..., d], an LM-head weight [V, d] and an optional bias [V]; return (V, d)."
+    for name, v in (("hidden", hidden), ("weight", weight)) + ((("bias", bias),) if bias is not None else ()):
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+            raise InputError(f"{name} must be a floating torch.Tensor, got {getattr(v, 'dtype', type(v).__name__)}")
+        if v.device != hidden.device: raise InputError(f"{name} is on {v.device} but hidden is on {hidden.device}")
+    if hidden.dim() < 1 or weight.dim() != 2:
+        raise InputError(f"hidden must be [..., d] and weight [V, d]; got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    V, d = weight.shape
+    if hidden.shape[-1] != d:
+        raise InputError(f"hidden size {hidden.shape[-1]} does not match the LM-head weight {tuple(weight.shape)} (expected [V, {hidden.shape[-1]}])")
+    if V < 1: raise InputError("the LM-head weight has an empty vocabulary dimension")
+    if bias is not None and tuple(bias.shape) != (V,):
+        raise InputError(f"bias must have shape ({V},), got {tuple(bias.shape)}")
+    return V, d
+
+def vocab_stats_from_hidden_torch(hidden:torch.Tensor, # [..., d] final hidden states
+                                  weight:torch.Tensor, # [V, d] LM-head (unembedding) weight
+                                  targets:torch.Tensor, # [...] int target ids in [0, V)
+                                  bias:torch.Tensor|None=None, # [V] optional LM-head bias
+                                  chunk:int|None=None, # rows per chunk (None: about 4M logits per chunk; 0: all rows)
+                                  dtype:torch.dtype=torch.float32, # compute and output dtype
+                                  check:bool=True, # raise InputError on non-finite logits
+                                 )->VocabStats:
+    "Pure-torch `VocabStats` of `hidden @ weight.T + bias`, materializing logits for `chunk` rows at a time."
+    V, d = check_hidden(hidden, weight, bias)
+    lead = tuple(hidden.shape[:-1])
+    t = check_targets(targets, lead, V, hidden.device).reshape(-1)
+    h = hidden.reshape(-1, d)
+    N = h.shape[0]
+    step = max(N if chunk == 0 else (chunk or default_chunk(V)), 1)
+    w = weight.to(dtype)
+    b = None if bias is None else bias.to(dtype)
+    outs = [torch.empty(N, dtype=torch.int64 if i == 2 else dtype, device=h.device) for i in range(8)]
+    for s in range(0, N, step):
+        x = torch.nn.functional.linear(h[s:s+step].to(dtype), w, b)
+        if check: check_finite(x, lead=lead, offset=s)
+        for o, r in zip(outs, _torch_rows(x, t[s:s+step], dtype)): o[s:s+step] = r
+    return VocabStats(*(o.reshape(lead) for o in outs))
+
+# %% ../../nbs/21_kernels.vocab.ipynb #ca87820b
+if HAS_TRITON:
+    def _hidden_kernel(H, Wt, Bias, T, N, V, D, stride_h, stride_w,
+                       LSE, LOGP, RANK, ENT, MAXLP, MASS, MEAN, VAR, BAD,
+                       HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+        "Streaming statistics of BLOCK_N rows of hidden @ weight.T (+ bias), one logits tile at a time."
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < N
+        rows64 = rows.to(tl.int64)
+        t = tl.load(T + rows, mask=rmask, other=0)
+        t64 = t.to(tl.int64)
+        offd = tl.arange(0, BLOCK_D)
+        lt = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + offd
+            dm = dd < D
+            h = tl.load(H + rows64[:, None] * stride_h + dd[None, :], mask=rmask[:, None] & dm[None, :], other=0.0).to(tl.float32)
+            w = tl.load(Wt + t64[:, None] * stride_w + dd[None, :], mask=rmask[:, None] & dm[None, :], other=0.0).to(tl.float32)
+            lt += tl.sum(h * w, 1)
+        if HAS_BIAS:
+            lt += tl.load(Bias + t, mask=rmask, other=0.0).to(tl.float32)
+        m = lt
+        s0 = tl.zeros([BLOCK_N], dtype=tl.float32)
+        s1 = s0; s2 = s0; g = s0
+        cnt = tl.zeros([BLOCK_N], dtype=tl.int32)
+        bad = cnt
+        offv = tl.arange(0, BLOCK_V)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + offv
+            cm = cols < V
+            acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + offd
+                dm = dd < D
+                h = tl.load(H + rows64[:, None] * stride_h + dd[None, :], mask=rmask[:, None] & dm[None, :], other=0.0)
+                w = tl.load(Wt + cols.to(tl.int64)[None, :] * stride_w + dd[:, None], mask=cm[None, :] & dm[:, None], other=0.0)
+                if IEEE:
+                    acc = tl.dot(h.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(h, w, acc)
+            if HAS_BIAS:
+                acc += tl.load(Bias + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+            l = tl.where(cm[None, :], acc, -float("inf"))
+            m_new = tl.maximum(m, tl.max(l, 1))
+            delta = m - m_new
+            a = tl.exp(delta)
+            s2 = tl.where(a > 0, a * (s2 + 2.0 * delta * s1 + delta * delta * s0), 0.0)
+            s1 = tl.where(a > 0, a * (s1 + delta * s0), 0.0)
+            s0 = a * s0
+            g = a * g
+            m = m_new
+            dl = l - m[:, None]
+            e = tl.exp(dl)
+            ed = tl.where(e > 0, e * dl, 0.0)
+            s0 += tl.sum(e, 1)
+            s1 += tl.sum(ed, 1)
+            s2 += tl.sum(tl.where(e > 0, ed * dl, 0.0), 1)
+            is_t = cols[None, :] == t[:, None]
+            g += tl.sum(tl.where((l >= lt[:, None]) | is_t, e, 0.0), 1)
+            cnt += tl.sum(((l > lt[:, None]) & ~is_t).to(tl.int32), 1)
+            bad += tl.sum((cm[None, :] & ~(tl.abs(l) < float("inf"))).to(tl.int32), 1)
+        c = tl.log(s0)
+        mu = s1 / s0
+        tl.store(LSE + rows, m + c, mask=rmask)
+        tl.store(LOGP + rows, lt - m - c, mask=rmask)
+        tl.store(RANK + rows, cnt.to(tl.int64) + 1, mask=rmask)
+        tl.store(ENT + rows, c - mu, mask=rmask)
+        tl.store(MAXLP + rows, -c, mask=rmask)
+        tl.store(MASS + rows, tl.minimum(g / s0, 1.0), mask=rmask)
+        tl.store(MEAN + rows, mu - c, mask=rmask)
+        tl.store(VAR + rows, tl.maximum(s2 / s0 - mu * mu, 0.0), mask=rmask)
+        tl.store(BAD + rows, bad, mask=rmask)
+
+# %% ../../nbs/21_kernels.vocab.ipynb #0b483df2
+def vocab_stats_from_hidden_triton(hidden:torch.Tensor, # [..., d] final hidden states (fp32/bf16/fp16)
+                                   weight:torch.Tensor, # [V, d] LM-head weight (same dtype as hidden)
+                                   targets:torch.Tensor, # [...] int target ids in [0, V)
+                                   bias:torch.Tensor|None=None, # [V] optional LM-head bias
+                                   block_n:int=16, # rows per program (power of 2, >= 16)
+                                   block_v:int=128, # vocabulary tile (power of 2, >= 16)
+                                   block_d:int=64, # hidden-size tile (power of 2, >= 16)
+                                   check:bool=True, # raise InputError on non-finite logits
+                                   out:VocabStats|None=None, # preallocated outputs to write into
+                                  )->VocabStats:
+    "`VocabStats` of `hidden @ weight.T + bias` from the fused kernel: no N×V logits in memory."
+    V, d = check_hidden(hidden, weight, bias)
+    _check_triton_device(hidden)
+    if weight.dtype != hidden.dtype:
+        raise InputError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype for the fused kernel; cast one of them")
+    lead = tuple(hidden.shape[:-1])
+    t = check_targets(targets, lead, V, hidden.device).reshape(-1).contiguous()
+    h = hidden.reshape(-1, d)
+    if h.stride(-1) != 1: h = h.contiguous()
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    b = None if bias is None else bias.contiguous()
+    N, dev = h.shape[0], h.device
+    if out is None:
+        out = VocabStats(*(torch.empty(N, dtype=torch.int64 if i == 2 else torch.float32, device=dev) for i in range(8)))
+    o = [v.reshape(-1) for v in out.as_dict().values()]
+    bad = torch.empty(N, dtype=torch.int32, device=dev)
+    if N:
+        _jit(_hidden_kernel)[(triton.cdiv(N, block_n),)](
+            h, w, b if b is not None else w, t, N, V, d, h.stride(0), w.stride(0), *o, bad,
+            # fp32 inputs: full-fp32 products (no tf32). The interpreter's tl.dot cannot multiply half types, so there
+            # half inputs are upcast too (on a GPU they go to the tensor cores as they are, accumulating in fp32).
+            HAS_BIAS=b is not None, IEEE=h.dtype == torch.float32 or _interpreting(), BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d)
+        if check and bool(bad.any()):
+            i = int(torch.nonzero(bad)[0, 0])
+            idx = tuple(int(k) for k in torch.unravel_index(torch.tensor(i), lead)) if lead else ()
+            raise InputError(f"logits computed from hidden contain NaN or ±inf at position {idx}; check hidden and weight for NaN/inf")
+    return VocabStats(*(v.reshape(lead) for v in o))
+
+def vocab_stats_from_hidden(hidden:torch.Tensor, # [..., d] final hidden states
+                            weight:torch.Tensor, # [V, d] LM-head weight
+                            targets:torch.Tensor, # [...] int target ids in [0, V)
+                            bias:torch.Tensor|None=None, # [V] optional LM-head bias
+                            impl:str="auto", # "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch"
+                           )->VocabStats:
+    "Per-position `VocabStats` of the LM head's logits without materializing all of them."
+    check_hidden(hidden, weight, bias)
+    if _use_triton(hidden, impl): return vocab_stats_from_hidden_triton(hidden, weight, targets, bias)
+    return vocab_stats_from_hidden_torch(hidden, weight, targets, bias)
