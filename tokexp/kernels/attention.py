@@ -6,12 +6,12 @@
 __all__ = ['TORCH_CHUNK_ELEMENTS', 'h2o_weights', 'window_weights', 'last_query_weights', 'a2sf_weights',
            'attention_importance_torch', 'query_lse', 'attention_importance']
 
-# %% ../../nbs/40_kernels.attention.ipynb #0b67cea4
+# %% ../../nbs/40_kernels.attention.ipynb #f8231c2d
 import math, os
 import torch
 from ..core import InputError, ConfigError
 
-# %% ../../nbs/40_kernels.attention.ipynb #eb0875bb
+# %% ../../nbs/40_kernels.attention.ipynb #196f9bd2
 def h2o_weights(nq:int, # number of queries
                 device=None, # torch device of the result
                )->torch.Tensor:
@@ -51,7 +51,7 @@ def _check_nq(nq):
     if not isinstance(nq, int) or isinstance(nq, bool) or nq < 0:
         raise InputError(f"nq must be a non-negative int (number of queries), got {nq!r}")
 
-# %% ../../nbs/40_kernels.attention.ipynb #eb23ef8f
+# %% ../../nbs/40_kernels.attention.ipynb #c540ed58
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _check_inputs(q, k, causal, scale, group_reduce="sum", impl="auto"):
@@ -98,7 +98,7 @@ def _causal_mask(Nq, Nk, device, i0=0, i1=None, hi=None)->torch.Tensor:
     i = torch.arange(i0, i1, device=device)[:, None]
     return torch.arange(hi, device=device)[None, :] <= (Nk - Nq) + i
 
-# %% ../../nbs/40_kernels.attention.ipynb #35c0f028
+# %% ../../nbs/40_kernels.attention.ipynb #4745781a
 def _group(out, B, Hkv, G, Nk, group_reduce):
     return out.view(B, Hkv, G, Nk).sum(2) if group_reduce == "sum" else out
 
@@ -122,16 +122,16 @@ def attention_importance_torch(q:torch.Tensor, # [B, Hq, Nq, D] queries (the las
     if Nk == 0: p = s  # softmax over an empty axis
     return _group((W[..., None] * p).sum(-2), B, Hkv, G, Nk, group_reduce)
 
-# %% ../../nbs/40_kernels.attention.ipynb #f9d72cb5
+# %% ../../nbs/40_kernels.attention.ipynb #24b003c0
 TORCH_CHUNK_ELEMENTS = 1 << 22  # logits alive at once in the chunked torch path (4M floats = 16 MB)
 
-def _torch_chunked(q, k, W, lse, causal, scale, G, want_scores=True, chunk=None):
-    "Query-chunked importance (and/or lse): returns (scores [B, Hq, Nk] or None, lse [B, Hq, Nq])."
+def _torch_chunked(q, k, W, lse, causal, scale, G, want_scores=True, want_lse=False, chunk=None):
+    "Query-chunked importance and/or lse: returns (scores [B, Hq, Nk] or None, lse [B, Hq, Nq] or None)."
     B, Hq, Nq, D = q.shape; Hkv, Nk = k.shape[1], k.shape[2]
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     kt = k.to(ct).transpose(-1, -2)  # [B, Hkv, D, Nk]
     out = torch.zeros(B, Hkv, G, Nk, dtype=ct, device=q.device) if want_scores else None
-    lse_out = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device) if lse is None else lse
+    lse_out = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device) if want_lse else None
     C = chunk or max(1, TORCH_CHUNK_ELEMENTS // max(1, B * Hq * Nk))
     off = Nk - Nq
     for i0 in range(0, Nq, C):
@@ -141,16 +141,14 @@ def _torch_chunked(q, k, W, lse, causal, scale, G, want_scores=True, chunk=None)
         qc = q[:, :, i0:i1].to(ct).reshape(B, Hkv, G * c, D)
         s = (qc @ kt[..., :hi]).mul_(scale).view(B, Hkv, G, c, hi)
         if causal and off + i0 < hi - 1: s.masked_fill_(~_causal_mask(Nq, Nk, q.device, i0, i1, hi), float("-inf"))
-        if lse is None:
-            l = torch.logsumexp(s, -1)
-            lse_out[:, :, i0:i1] = l.view(B, Hq, c).to(torch.float32)
-        else: l = lse[:, :, i0:i1].to(ct).view(B, Hkv, G, c)
-        if want_scores:
-            p = s.sub_(l[..., None]).exp_()
-            out[..., :hi] += (W[:, :, i0:i1].to(ct).view(B, Hkv, G, 1, c) @ p).squeeze(-2)
+        if want_lse: lse_out[:, :, i0:i1] = torch.logsumexp(s, -1).view(B, Hq, c)
+        if not want_scores: continue
+        if lse is None: p = torch.softmax(s, -1)  # fused; each chunk holds whole rows
+        else: p = s.sub_(lse[:, :, i0:i1].to(ct).view(B, Hkv, G, c, 1)).exp_()
+        out[..., :hi] += (W[:, :, i0:i1].to(ct).view(B, Hkv, G, 1, c) @ p).squeeze(-2)
     return (None if out is None else out.view(B, Hq, Nk)), lse_out
 
-# %% ../../nbs/40_kernels.attention.ipynb #91982ca3
+# %% ../../nbs/40_kernels.attention.ipynb #e5debea2
 try:
     import triton
     import triton.language as tl
@@ -246,7 +244,7 @@ def _kernels():
     if mode not in _KERNELS: _KERNELS[mode] = (triton.jit(_lse_kernel), triton.jit(_importance_kernel))
     return _KERNELS[mode]
 
-# %% ../../nbs/40_kernels.attention.ipynb #c1ae0309
+# %% ../../nbs/40_kernels.attention.ipynb #5827ff32
 def _triton_ready(q:torch.Tensor)->str|None:
     "None if the Triton kernel can run on q, else the reason it cannot."
     if triton is None: return "triton is not installed"
@@ -289,7 +287,7 @@ def _triton_importance(q, k, W, lse, causal, scale, G, reduce_sum, out=None, blo
         D=D, CAUSAL=bool(causal), PREC=prec, UPCAST=upcast, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, num_warps=num_warps)
     return out
 
-# %% ../../nbs/40_kernels.attention.ipynb #b9dfe5e9
+# %% ../../nbs/40_kernels.attention.ipynb #0148117f
 def _pick_impl(q, impl):
     if impl == "auto": return "triton" if (q.is_cuda and _triton_ready(q) is None) else "torch"
     if impl == "triton":
@@ -315,7 +313,7 @@ def query_lse(q:torch.Tensor, # [B, Hq, Nq, D] queries (the last Nq positions wh
     if Nk == 0: raise InputError("query_lse needs at least one key (Nk=0: the log-sum-exp of nothing is -inf)")
     out = _check_out(out, (B, Hq, Nq), q.device)
     if _pick_impl(q, impl) == "triton": return _triton_lse(q, k, causal, scale, G, out=out)
-    l = _torch_chunked(q, k, None, None, causal, scale, G, want_scores=False)[1]
+    l = _torch_chunked(q, k, None, None, causal, scale, G, want_scores=False, want_lse=True)[1]
     if out is None: return l
     out.copy_(l); return out
 
