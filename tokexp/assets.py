@@ -11,7 +11,7 @@ __all__ = ['CLIENTS', 'ASSETS', 'MANIFEST', 'DOMAINS', 'Source', 'AssetSpec', 'g
            'fortune_categories', 'read_fortunes', 'fortune_languages', 'read_fortunes_lang', 'dictd_b64',
            'clean_gcide_entry', 'read_gcide', 'parse_wordnet_line', 'read_wordnet', 'read_domain', 'assets_markdown']
 
-# %% ../nbs/01_assets.ipynb #7de638e1
+# %% ../nbs/01_assets.ipynb #d35001e5
 import argparse, base64, contextlib, fnmatch, gzip, html, html.parser, io, json, os, re, shutil, subprocess, sys
 import tarfile, tempfile, time, warnings, zipfile
 from dataclasses import dataclass, field, asdict
@@ -24,7 +24,7 @@ import pandas as pd
 from .core import (AssetMissingError, ConfigError, InputError, IntegrityError, Registry, atomic_write,
                          load_settings, read_json, sha256_file, unknown_name_message, write_json)
 
-# %% ../nbs/01_assets.ipynb #330a6449
+# %% ../nbs/01_assets.ipynb #6f645eb1
 CLIENTS = ("pip-sdist", "pip-wheel", "npm", "deb")
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class AssetSpec:
         "Is `relpath` (posix, relative to the package root) kept?"
         return any(glob_match(relpath, g) for g in self.include) and not any(glob_match(relpath, g) for g in self.exclude)
 
-# %% ../nbs/01_assets.ipynb #f59ecd1a
+# %% ../nbs/01_assets.ipynb #be640aee
 @lru_cache(maxsize=None)
 def _glob_re(glob:str)->re.Pattern:
     out, i = [], 0
@@ -83,7 +83,7 @@ def glob_match(path:str, # posix path relative to the package root
     "Does `path` match `glob`?"
     return _glob_re(glob).fullmatch(path) is not None
 
-# %% ../nbs/01_assets.ipynb #2d7a9bd0
+# %% ../nbs/01_assets.ipynb #d6dc5456
 ASSETS = Registry("asset", AssetSpec)
 
 def _reg(name, sources, licence, include, exclude=(), description=""):
@@ -139,7 +139,7 @@ _reg("bible-kjv", [("deb", "bible-kjv-text", "4.38", "d61b6aad4c51ba9e2800b82532
      "text public domain; packaging GPL-2+", ["usr/lib/bible.data", "usr/lib/bible.data.conc"],
      description="King James Bible in bible-kjv's own compressed format (EC02); not decoded by tokexp")
 
-# %% ../nbs/01_assets.ipynb #302c1b68
+# %% ../nbs/01_assets.ipynb #db8ab5af
 MANIFEST = "MANIFEST.json"
 
 def assets_root(cache_dir:str|Path|None=None, # cache folder; default: `cache_dir` from settings.ini
@@ -187,7 +187,7 @@ def is_fetched(name:str, # asset name
     try: verify_asset_dir(assets_root(cache_dir)/spec.name, spec, full=verify); return True
     except IntegrityError: return False
 
-# %% ../nbs/01_assets.ipynb #5c110254
+# %% ../nbs/01_assets.ipynb #0c6c807d
 def asset_dir(name:str, # asset name, e.g. "udhr"
               cache_dir:str|Path|None=None)->Path:
     "Folder of a fetched asset; raises `AssetMissingError` if it is not in the cache."
@@ -218,7 +218,7 @@ def asset_files(name:str, # asset name
     d = asset_dir(name, cache_dir)
     return [d/k for k in sorted(read_json(d/MANIFEST)["files"]) if glob_match(k, glob)]
 
-# %% ../nbs/01_assets.ipynb #0eb9d8d7
+# %% ../nbs/01_assets.ipynb #1e899639
 def _run(cmd:list[str], cwd:Path, what:str)->subprocess.CompletedProcess:
     try: r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     except FileNotFoundError:
@@ -255,7 +255,7 @@ def verify_archive(path:Path, src:Source, asset:str)->None:
         raise IntegrityError(f"{path.name} (asset {asset!r}, {src.requirement}) has sha256 {h}, expected {src.sha256}. "
                              f"The registry served a different file than the one pinned; if that is intended, update the pin in nbs/01_assets.ipynb")
 
-# %% ../nbs/01_assets.ipynb #c93f6c95
+# %% ../nbs/01_assets.ipynb #36c9718b
 def _safe_rel(rel:str)->str|None:
     p = PurePosixPath(rel)
     if p.is_absolute() or ".." in p.parts or not p.parts: return None
@@ -301,7 +301,7 @@ def extract_archive(archive:Path, # verified archive
                     kept.append(rel)
     return kept
 
-# %% ../nbs/01_assets.ipynb #10c7276a
+# %% ../nbs/01_assets.ipynb #0baa9d6b
 @contextlib.contextmanager
 def _lock(path:Path):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -339,7 +339,7 @@ def build_asset(spec:AssetSpec, # the asset to build
     os.chmod(dest/MANIFEST, 0o644)
     return man
 
-# %% ../nbs/01_assets.ipynb #d7b2238d
+# %% ../nbs/01_assets.ipynb #7a3b1e24
 def fetch(names:Iterable[str]|str|None=None, # asset names; default: every asset
           force:bool=False, # refetch even if cached
           verify:bool=False, # re-hash cached files; refetch assets that fail
@@ -371,7 +371,7 @@ def fetch(names:Iterable[str]|str|None=None, # asset names; default: every asset
             out[spec.name] = final
     return out
 
-# %% ../nbs/01_assets.ipynb #ddcde820
+# %% ../nbs/01_assets.ipynb #f25f0146
 def parse_js_tiktoken(text:str, # content of a js-tiktoken `dist/ranks/NAME.js` module
                      )->dict:
     "Parse a js-tiktoken rank module into {pat_str, special_tokens, ranks: [(base64 token, rank), ...]}."
@@ -385,7 +385,7 @@ def parse_js_tiktoken(text:str, # content of a js-tiktoken `dist/ranks/NAME.js` 
         ranks.extend((t, int(off) + i) for i, t in enumerate(toks))
     return {"pat_str": d["pat_str"], "special_tokens": d["special_tokens"], "ranks": ranks}
 
-# %% ../nbs/01_assets.ipynb #98a5e489
+# %% ../nbs/01_assets.ipynb #a270f153
 def js_tiktoken_encodings(cache_dir:str|Path|None=None)->list[str]:
     "Names of the encodings shipped by the `js-tiktoken` asset."
     return sorted(p.name[:-3] for p in asset_files("js-tiktoken", "dist/ranks/*.js", cache_dir))
@@ -421,7 +421,7 @@ def load_tiktoken_encoding(name:str, # js-tiktoken encoding name
     return tiktoken.Encoding(name, pat_str=fs["pat_str"], mergeable_ranks=load_tiktoken_bpe(str(fs["ranks_path"])),
                              special_tokens=fs["special_tokens"])
 
-# %% ../nbs/01_assets.ipynb #fb6b8053
+# %% ../nbs/01_assets.ipynb #2d714ee5
 def list_assets(cache_dir:str|Path|None=None)->pd.DataFrame:
     "One row per asset: name, client, package, version, licence, whether fetched, size on disk (bytes)."
     rows, root = [], assets_root(cache_dir)
@@ -432,7 +432,7 @@ def list_assets(cache_dir:str|Path|None=None)->pd.DataFrame:
                          fetched=ok, size=size))
     return pd.DataFrame(rows)
 
-# %% ../nbs/01_assets.ipynb #6b367ebc
+# %% ../nbs/01_assets.ipynb #c4ba7192
 def cli(argv:list[str]|None=None, # arguments after `tokexp assets`
        )->int:
     "Entry point of `tokexp assets ...`; returns the exit code."
@@ -455,7 +455,7 @@ def cli(argv:list[str]|None=None, # arguments after `tokexp assets`
         print(f"error: {e}", file=sys.stderr); return 1
     return 0
 
-# %% ../nbs/01_assets.ipynb #ebf874ac
+# %% ../nbs/01_assets.ipynb #4720ed35
 def _manifest_key(name:str, cache_dir=None)->tuple:
     d = asset_dir(name, cache_dir)
     return (str(d), (d/MANIFEST).stat().st_mtime_ns)
@@ -483,7 +483,7 @@ def _read_text(path:Path)->str:
         warnings.warn(f"{path} is not valid UTF-8; undecodable bytes were replaced")
         return b.decode("utf-8", errors="replace")
 
-# %% ../nbs/01_assets.ipynb #4d8a2770
+# %% ../nbs/01_assets.ipynb #8b606339
 _JS_PAIR = re.compile(r"(\w+):\s*(?:'((?:[^'\\]|\\.)*)'|(-?\d+(?:\.\d+)?))")
 
 def _js_unescape(s:str)->str:
@@ -501,7 +501,7 @@ def parse_udhr_index(text:str, # content of udhr's index.js
         if "code" in rec: out.append(rec)
     return out
 
-# %% ../nbs/01_assets.ipynb #aaf4da48
+# %% ../nbs/01_assets.ipynb #09f2105b
 class _UDHRParser(html.parser.HTMLParser):
     "Collects (article, kind, text) blocks from one UDHR declaration."
     BLOCKS = {"h1": "title", "h2": "heading", "h3": "heading", "h4": "heading", "p": "para", "li": "para"}
@@ -535,7 +535,7 @@ def parse_udhr_html(text:str, # one declaration's HTML
         out.append((art, para, kind, t))
     return out
 
-# %% ../nbs/01_assets.ipynb #34511281
+# %% ../nbs/01_assets.ipynb #3d769918
 def _dominant_script(texts:Iterable[str])->str:
     from collections import Counter
     from fontTools import unicodedata as fud
@@ -605,7 +605,7 @@ def read_udhr(keys:Iterable[str]|str|None=None, # declaration codes (file names,
     out = df.reset_index(drop=True).copy(); out.attrs["skipped"] = dict(skipped)
     return out
 
-# %% ../nbs/01_assets.ipynb #ffd9f23c
+# %% ../nbs/01_assets.ipynb #b9dc3148
 def udhr_articles(keys:Iterable[str]|str|None=None, # declaration codes; default all
                   min_stage:int|None=None, # minimum encoding stage
                   cache_dir:str|Path|None=None)->pd.DataFrame:
@@ -617,7 +617,7 @@ def udhr_articles(keys:Iterable[str]|str|None=None, # declaration codes; default
     out.attrs["skipped"] = df.attrs.get("skipped", {})
     return out
 
-# %% ../nbs/01_assets.ipynb #f49b3380
+# %% ../nbs/01_assets.ipynb #118362af
 def parse_fortune_file(text:str)->list[str]:
     "Records of a fortune file (`%`-separated), trailing whitespace stripped, empty records dropped."
     recs, cur = [], []
@@ -628,7 +628,7 @@ def parse_fortune_file(text:str)->list[str]:
     recs.append("\n".join(cur))
     return [r.strip("\n") for r in recs if r.strip()]
 
-# %% ../nbs/01_assets.ipynb #40b8766a
+# %% ../nbs/01_assets.ipynb #33d94033
 _FORTUNE_ROOT = "usr/share/games/fortunes"
 
 def _fortune_frame(name:str, strip_prefix:str, categories, offensive:bool, cache_dir)->pd.DataFrame:
@@ -658,7 +658,7 @@ def read_fortunes(categories:Iterable[str]|None=None, # e.g. ["literature", "sci
         if missing: raise ConfigError("; ".join(unknown_name_message("fortune category", c, fortune_categories("en", cache_dir)) for c in missing))
     return df
 
-# %% ../nbs/01_assets.ipynb #209e5f1d
+# %% ../nbs/01_assets.ipynb #03fb8725
 def fortune_languages()->pd.DataFrame:
     "The fortune language assets: lang (BCP-47), asset, Debian package, version, and whether each is fetched."
     rows = [dict(lang=tag, asset=f"fortunes-{k}", package=f"fortunes-{k}", version=ASSETS[f"fortunes-{k}"].version,
@@ -687,7 +687,7 @@ def read_fortunes_lang(lang:str, # BCP-47 tag ("de", "ru", "pt-BR", ...) or asse
     df.insert(0, "lang", tag)
     return df
 
-# %% ../nbs/01_assets.ipynb #fdc941a8
+# %% ../nbs/01_assets.ipynb #7b16bed2
 _B64 = {c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")}
 
 def dictd_b64(s:str)->int:
@@ -720,7 +720,7 @@ def clean_gcide_entry(entry:str)->str:
     paras = [re.sub(r"\s+([,;])", r"\1", " ".join(p.split())) for p in re.split(r"\n\s*\n", t)]
     return unicodedata.normalize("NFC", "\n".join(p for p in paras if p))
 
-# %% ../nbs/01_assets.ipynb #9f261286
+# %% ../nbs/01_assets.ipynb #545577e5
 @lru_cache(maxsize=2)
 def _gcide_cached(key:tuple)->pd.DataFrame:
     return _disk_cached("gcide", "gcide", _parse_gcide_dir, Path(key[0]).parent.parent)
@@ -744,7 +744,7 @@ def read_gcide(cache_dir:str|Path|None=None)->pd.DataFrame:
     "GCIDE dictionary entries in file order: headword, text (plain-text definition)."
     return _gcide_cached(_manifest_key("gcide", cache_dir)).copy()
 
-# %% ../nbs/01_assets.ipynb #3c42b5c1
+# %% ../nbs/01_assets.ipynb #66acd659
 _WN_POS = {"n": "noun", "v": "verb", "a": "adj", "s": "adj", "r": "adv"}
 
 def parse_wordnet_line(line:str)->dict|None:
@@ -760,7 +760,7 @@ def parse_wordnet_line(line:str)->dict|None:
     definition = (gloss[:q] if q >= 0 else gloss).strip().rstrip(";").strip()
     return {"pos": _WN_POS[f[2]], "offset": int(f[0]), "lemmas": lemmas, "gloss": definition, "examples": examples}
 
-# %% ../nbs/01_assets.ipynb #b643f10f
+# %% ../nbs/01_assets.ipynb #64336475
 @lru_cache(maxsize=2)
 def _wordnet_cached(key:tuple)->pd.DataFrame:
     return _disk_cached("wordnet", "wordnet", _parse_wordnet_dir, Path(key[0]).parent.parent)
@@ -778,7 +778,7 @@ def read_wordnet(cache_dir:str|Path|None=None)->pd.DataFrame:
     "WordNet 3.0 synsets (noun, verb, adj, adv files in that order): pos, offset, lemmas, gloss, examples."
     return _wordnet_cached(_manifest_key("wordnet", cache_dir)).copy()
 
-# %% ../nbs/01_assets.ipynb #e08ba40b
+# %% ../nbs/01_assets.ipynb #30912a43
 DOMAINS = ("fortunes", "gcide", "wordnet", "udhr")
 
 def read_domain(name:str, # one of DOMAINS
@@ -800,7 +800,7 @@ def read_domain(name:str, # one of DOMAINS
         random.Random(seed).shuffle(recs)
     return recs[:limit] if limit is not None else recs
 
-# %% ../nbs/01_assets.ipynb #a4f6997d
+# %% ../nbs/01_assets.ipynb #32cb87d7
 def assets_markdown()->str:
     "Markdown table of every asset: name, client, package, version, paths inside, licence, sha256."
     lines = ["| Asset | Client | Package | Version | Path inside | Licence | sha256 of the archive |", "|---|---|---|---|---|---|---|"]
