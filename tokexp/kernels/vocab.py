@@ -7,13 +7,13 @@ __all__ = ['IMPLS', 'VocabStats', 'check_logits', 'check_finite', 'check_targets
            'check_pair', 'cross_stats_torch', 'vocab_stats_triton', 'cross_stats_triton', 'vocab_stats', 'cross_stats',
            'check_hidden', 'vocab_stats_from_hidden_torch', 'vocab_stats_from_hidden_triton', 'vocab_stats_from_hidden']
 
-# %% ../../nbs/21_kernels.vocab.ipynb #3db90678
+# %% ../../nbs/21_kernels.vocab.ipynb #9ebfbeba
 import math, os
 from dataclasses import dataclass, fields
 import torch
 from ..core import InputError, ConfigError
 
-# %% ../../nbs/21_kernels.vocab.ipynb #ed4b27ef
+# %% ../../nbs/21_kernels.vocab.ipynb #f3415c4b
 @dataclass
 class VocabStats:
     "Per-position statistics of a distribution over the vocabulary; every field has shape `logits.shape[:-1]`."
@@ -45,7 +45,7 @@ class VocabStats:
     @property
     def shape(self): return self.lse.shape
 
-# %% ../../nbs/21_kernels.vocab.ipynb #14350580
+# %% ../../nbs/21_kernels.vocab.ipynb #cc95d988
 def _where(mask:torch.Tensor, lead:tuple)->str:
     "Human-readable position of the first True entry of `mask` (shape `lead`)."
     i = int(torch.nonzero(mask.reshape(-1))[0, 0])
@@ -100,7 +100,7 @@ def check_targets(targets:torch.Tensor, # [...] integer token ids
                              "padding positions need a valid placeholder id (and a mask)")
     return targets.long()
 
-# %% ../../nbs/21_kernels.vocab.ipynb #8d449911
+# %% ../../nbs/21_kernels.vocab.ipynb #4251ad8e
 def default_chunk(V:int, # vocabulary size
                   budget:int=1<<22, # elements per [chunk, V] temporary (4M fp32 = 16 MiB)
                  )->int:
@@ -145,7 +145,7 @@ def vocab_stats_torch(logits:torch.Tensor, # [..., V] logits, any float dtype
         for o, r in zip(outs, _torch_rows(xs, t[s:s+step], dtype)): o[s:s+step] = r
     return VocabStats(*(o.reshape(lead) for o in outs))
 
-# %% ../../nbs/21_kernels.vocab.ipynb #5fa95489
+# %% ../../nbs/21_kernels.vocab.ipynb #c22634dd
 def check_pair(logits_ref:torch.Tensor, logits_score:torch.Tensor)->int:
     "Validate two logits tensors over the same vocabulary and positions; return V."
     V = check_logits(logits_ref, "logits_ref"); V2 = check_logits(logits_score, "logits_score")
@@ -179,7 +179,7 @@ def cross_stats_torch(logits_ref:torch.Tensor, # [..., V] logits of the referenc
         m2[a:a+step] = torch.where(pos, p * lq.square(), 0).sum(-1)
     return m1.reshape(lead), m2.reshape(lead)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #5cbe28d4
+# %% ../../nbs/21_kernels.vocab.ipynb #69492820
 try:
     import triton
     import triton.language as tl
@@ -198,13 +198,13 @@ def _jit(fn):
     if key not in _JITTED: _JITTED[key] = triton.jit(fn)
     return _JITTED[key]
 
-# %% ../../nbs/21_kernels.vocab.ipynb #76353370
+# %% ../../nbs/21_kernels.vocab.ipynb #61e4f2f1
 if HAS_TRITON:
     def _vocab_kernel(X, T, stride_x, V, cols_per_split,
                       LSE, LOGP, RANK, ENT, MAXLP, MASS, MEAN, VAR, BAD,   # final outputs (SPLIT == False)
                       WS, WI, N,                                          # partial workspaces (SPLIT == True)
                       BLOCK_V: tl.constexpr, SPLIT: tl.constexpr):
-        "Streaming statistics of one row (or one slice of a row) of logits."
+        # Streaming statistics of one row (or one slice of a row) of logits.
         row = tl.program_id(0).to(tl.int64)
         sp = tl.program_id(1)
         xrow = X + row * stride_x
@@ -266,7 +266,7 @@ if HAS_TRITON:
     def _vocab_combine_kernel(WS, WI, N, NSP, T, X, stride_x,
                               LSE, LOGP, RANK, ENT, MAXLP, MASS, MEAN, VAR, BAD,
                               BLOCK_S: tl.constexpr):
-        "Merge the per-slice partial sums of one row into the final statistics."
+        # Merge the per-slice partial sums of one row into the final statistics.
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_S)
         mask = offs < NSP
@@ -300,7 +300,7 @@ if HAS_TRITON:
         tl.store(VAR + row, tl.maximum(S2 / S0 - mu * mu, 0.0))
         tl.store(BAD + row, bad)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #da98d26d
+# %% ../../nbs/21_kernels.vocab.ipynb #6273791c
 def _check_triton_device(x:torch.Tensor):
     "Raise a clear error when the Triton kernel cannot run on `x`'s device."
     if not HAS_TRITON: raise ConfigError("impl='triton' needs the triton package; use impl='torch'")
@@ -340,22 +340,23 @@ def vocab_stats_triton(logits:torch.Tensor, # [..., V] logits, fp32/bf16/fp16
     cps = -(-V // nsp)
     cps = -(-cps // block) * block  # whole tiles per slice
     nsp = -(-V // cps)
+    nw = 8 if block >= 2048 else 4
     if nsp == 1:
-        _jit(_vocab_kernel)[(N, 1)](x, t, x.stride(0), V, cps, *o, bad, bad, bad, N, BLOCK_V=block, SPLIT=False)
+        _jit(_vocab_kernel)[(N, 1)](x, t, x.stride(0), V, cps, *o, bad, bad, bad, N, BLOCK_V=block, SPLIT=False, num_warps=nw)
     else:
         ws = torch.empty(5 * N * nsp, dtype=torch.float32, device=dev)
         wi = torch.empty(2 * N * nsp, dtype=torch.int32, device=dev)
-        _jit(_vocab_kernel)[(N, nsp)](x, t, x.stride(0), V, cps, *o, bad, ws, wi, N, BLOCK_V=block, SPLIT=True)
+        _jit(_vocab_kernel)[(N, nsp)](x, t, x.stride(0), V, cps, *o, bad, ws, wi, N, BLOCK_V=block, SPLIT=True, num_warps=nw)
         _jit(_vocab_combine_kernel)[(N,)](ws, wi, N, nsp, t, x, x.stride(0), *o, bad, BLOCK_S=triton.next_power_of_2(nsp))
     if check and bool(bad.any()):
         check_finite(x, lead=lead)  # names the position
         raise InputError("logits contain NaN or ±inf")  # pragma: no cover (check_finite raises first)
     return VocabStats(*(v.reshape(lead) for v in o))
 
-# %% ../../nbs/21_kernels.vocab.ipynb #cbcb8eb6
+# %% ../../nbs/21_kernels.vocab.ipynb #71dc5f25
 if HAS_TRITON:
     def _cross_kernel(R, S, stride_r, stride_s, V, M1, M2, BAD, BLOCK_V: tl.constexpr):
-        "Streaming E_{p_ref}[log p_score] and E_{p_ref}[(log p_score)^2] of one row."
+        # Streaming E_{p_ref}[log p_score] and E_{p_ref}[(log p_score)^2] of one row.
         row = tl.program_id(0).to(tl.int64)
         rrow = R + row * stride_r
         srow = S + row * stride_s
@@ -393,7 +394,7 @@ if HAS_TRITON:
         tl.store(M2 + row, A2 / W - 2.0 * c * e1 + c * c)
         tl.store(BAD + row, bad)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #5d9ec148
+# %% ../../nbs/21_kernels.vocab.ipynb #9ad9c2b6
 def cross_stats_triton(logits_ref:torch.Tensor, # [..., V] logits of the reference (sampling) model
                        logits_score:torch.Tensor, # [..., V] logits of the scoring model, same shape
                        block_v:int|None=None, # tile size (power of 2; None: min(4096, next pow2 of V))
@@ -411,12 +412,13 @@ def cross_stats_triton(logits_ref:torch.Tensor, # [..., V] logits of the referen
     bad = torch.empty(N, dtype=torch.int32, device=dev)
     if N:
         block = block_v or min(4096, triton.next_power_of_2(V))
-        _jit(_cross_kernel)[(N,)](r, s, r.stride(0), s.stride(0), V, m1, m2, bad, BLOCK_V=block)
+        _jit(_cross_kernel)[(N,)](r, s, r.stride(0), s.stride(0), V, m1, m2, bad, BLOCK_V=block,
+                                  num_warps=8 if block >= 2048 else 4)
         if check and bool(bad.any()):
             check_finite(r, "logits_ref", lead); check_finite(s, "logits_score", lead)
     return m1.reshape(lead), m2.reshape(lead)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #6e108aa0
+# %% ../../nbs/21_kernels.vocab.ipynb #f96c21da
 IMPLS = ("auto", "triton", "torch")
 
 def _use_triton(x:torch.Tensor, impl:str)->bool:
@@ -442,7 +444,7 @@ def cross_stats(logits_ref:torch.Tensor, # [..., V] reference (sampling) model l
     f = cross_stats_triton if _use_triton(logits_ref, impl) else cross_stats_torch
     return f(logits_ref, logits_score)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #1d9f3b62
+# %% ../../nbs/21_kernels.vocab.ipynb #57f3bf1f
 def check_hidden(hidden:torch.Tensor, weight:torch.Tensor, bias:torch.Tensor|None)->tuple[int, int]:
     "Validate hidden states [..., d], an LM-head weight [V, d] and an optional bias [V]; return (V, d)."
     for name, v in (("hidden", hidden), ("weight", weight)) + ((("bias", bias),) if bias is not None else ()):
@@ -483,13 +485,13 @@ def vocab_stats_from_hidden_torch(hidden:torch.Tensor, # [..., d] final hidden s
         for o, r in zip(outs, _torch_rows(x, t[s:s+step], dtype)): o[s:s+step] = r
     return VocabStats(*(o.reshape(lead) for o in outs))
 
-# %% ../../nbs/21_kernels.vocab.ipynb #ca87820b
+# %% ../../nbs/21_kernels.vocab.ipynb #23e7f492
 if HAS_TRITON:
     def _hidden_kernel(H, Wt, Bias, T, N, V, D, stride_h, stride_w,
                        LSE, LOGP, RANK, ENT, MAXLP, MASS, MEAN, VAR, BAD,
                        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-        "Streaming statistics of BLOCK_N rows of hidden @ weight.T (+ bias), one logits tile at a time."
+        # Streaming statistics of BLOCK_N rows of hidden @ weight.T (+ bias), one logits tile at a time.
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < N
         rows64 = rows.to(tl.int64)
@@ -557,7 +559,7 @@ if HAS_TRITON:
         tl.store(VAR + rows, tl.maximum(s2 / s0 - mu * mu, 0.0), mask=rmask)
         tl.store(BAD + rows, bad, mask=rmask)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #0b483df2
+# %% ../../nbs/21_kernels.vocab.ipynb #9ece6722
 def vocab_stats_from_hidden_triton(hidden:torch.Tensor, # [..., d] final hidden states (fp32/bf16/fp16)
                                    weight:torch.Tensor, # [V, d] LM-head weight (same dtype as hidden)
                                    targets:torch.Tensor, # [...] int target ids in [0, V)
