@@ -7,13 +7,13 @@ __all__ = ['IMPLS', 'VocabStats', 'check_logits', 'check_finite', 'check_targets
            'check_pair', 'cross_stats_torch', 'vocab_stats_triton', 'cross_stats_triton', 'vocab_stats', 'cross_stats',
            'check_hidden', 'vocab_stats_from_hidden_torch', 'vocab_stats_from_hidden_triton', 'vocab_stats_from_hidden']
 
-# %% ../../nbs/21_kernels.vocab.ipynb #9ebfbeba
+# %% ../../nbs/21_kernels.vocab.ipynb #9da9bfa8
 import math, os
 from dataclasses import dataclass, fields
 import torch
 from ..core import InputError, ConfigError
 
-# %% ../../nbs/21_kernels.vocab.ipynb #f3415c4b
+# %% ../../nbs/21_kernels.vocab.ipynb #da4e0159
 @dataclass
 class VocabStats:
     "Per-position statistics of a distribution over the vocabulary; every field has shape `logits.shape[:-1]`."
@@ -30,13 +30,12 @@ class VocabStats:
         "Index every field the same way (e.g. a boolean mask of valid positions)."
         return VocabStats(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
-    def to(self, *args, **kwargs):
-        "Move/cast every floating field like `Tensor.to` (rank stays int64)."
-        out = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = v.to(*args, **kwargs) if v.is_floating_point() else v.to(device=kwargs.get("device", args[0] if args and not isinstance(args[0], torch.dtype) else v.device))
-        return VocabStats(**out)
+    def to(self, device=None, # where to move every field
+           dtype:torch.dtype|None=None, # new dtype of the floating fields (rank stays int64)
+          )->"VocabStats":
+        "Move every field to `device` and cast the floating ones to `dtype`."
+        return VocabStats(**{f.name: getattr(self, f.name).to(device=device, dtype=dtype if getattr(self, f.name).is_floating_point() else None)
+                             for f in fields(self)})
 
     def as_dict(self)->dict:
         "The fields as a plain dict of tensors."
@@ -45,7 +44,7 @@ class VocabStats:
     @property
     def shape(self): return self.lse.shape
 
-# %% ../../nbs/21_kernels.vocab.ipynb #cc95d988
+# %% ../../nbs/21_kernels.vocab.ipynb #1a85733c
 def _where(mask:torch.Tensor, lead:tuple)->str:
     "Human-readable position of the first True entry of `mask` (shape `lead`)."
     i = int(torch.nonzero(mask.reshape(-1))[0, 0])
@@ -100,7 +99,7 @@ def check_targets(targets:torch.Tensor, # [...] integer token ids
                              "padding positions need a valid placeholder id (and a mask)")
     return targets.long()
 
-# %% ../../nbs/21_kernels.vocab.ipynb #4251ad8e
+# %% ../../nbs/21_kernels.vocab.ipynb #76da54cc
 def default_chunk(V:int, # vocabulary size
                   budget:int=1<<22, # elements per [chunk, V] temporary (4M fp32 = 16 MiB)
                  )->int:
@@ -145,7 +144,7 @@ def vocab_stats_torch(logits:torch.Tensor, # [..., V] logits, any float dtype
         for o, r in zip(outs, _torch_rows(xs, t[s:s+step], dtype)): o[s:s+step] = r
     return VocabStats(*(o.reshape(lead) for o in outs))
 
-# %% ../../nbs/21_kernels.vocab.ipynb #c22634dd
+# %% ../../nbs/21_kernels.vocab.ipynb #60008d88
 def check_pair(logits_ref:torch.Tensor, logits_score:torch.Tensor)->int:
     "Validate two logits tensors over the same vocabulary and positions; return V."
     V = check_logits(logits_ref, "logits_ref"); V2 = check_logits(logits_score, "logits_score")
@@ -179,7 +178,7 @@ def cross_stats_torch(logits_ref:torch.Tensor, # [..., V] logits of the referenc
         m2[a:a+step] = torch.where(pos, p * lq.square(), 0).sum(-1)
     return m1.reshape(lead), m2.reshape(lead)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #69492820
+# %% ../../nbs/21_kernels.vocab.ipynb #6d735736
 try:
     import triton
     import triton.language as tl
@@ -198,7 +197,7 @@ def _jit(fn):
     if key not in _JITTED: _JITTED[key] = triton.jit(fn)
     return _JITTED[key]
 
-# %% ../../nbs/21_kernels.vocab.ipynb #61e4f2f1
+# %% ../../nbs/21_kernels.vocab.ipynb #449d0a5f
 if HAS_TRITON:
     def _vocab_kernel(X, T, stride_x, V, cols_per_split,
                       LSE, LOGP, RANK, ENT, MAXLP, MASS, MEAN, VAR, BAD,   # final outputs (SPLIT == False)
@@ -300,7 +299,7 @@ if HAS_TRITON:
         tl.store(VAR + row, tl.maximum(S2 / S0 - mu * mu, 0.0))
         tl.store(BAD + row, bad)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #6273791c
+# %% ../../nbs/21_kernels.vocab.ipynb #16caa628
 def _check_triton_device(x:torch.Tensor):
     "Raise a clear error when the Triton kernel cannot run on `x`'s device."
     if not HAS_TRITON: raise ConfigError("impl='triton' needs the triton package; use impl='torch'")
@@ -353,7 +352,7 @@ def vocab_stats_triton(logits:torch.Tensor, # [..., V] logits, fp32/bf16/fp16
         raise InputError("logits contain NaN or ±inf")  # pragma: no cover (check_finite raises first)
     return VocabStats(*(v.reshape(lead) for v in o))
 
-# %% ../../nbs/21_kernels.vocab.ipynb #71dc5f25
+# %% ../../nbs/21_kernels.vocab.ipynb #f3e03af2
 if HAS_TRITON:
     def _cross_kernel(R, S, stride_r, stride_s, V, M1, M2, BAD, BLOCK_V: tl.constexpr):
         # Streaming E_{p_ref}[log p_score] and E_{p_ref}[(log p_score)^2] of one row.
@@ -394,7 +393,7 @@ if HAS_TRITON:
         tl.store(M2 + row, A2 / W - 2.0 * c * e1 + c * c)
         tl.store(BAD + row, bad)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #9ad9c2b6
+# %% ../../nbs/21_kernels.vocab.ipynb #213ad982
 def cross_stats_triton(logits_ref:torch.Tensor, # [..., V] logits of the reference (sampling) model
                        logits_score:torch.Tensor, # [..., V] logits of the scoring model, same shape
                        block_v:int|None=None, # tile size (power of 2; None: min(4096, next pow2 of V))
@@ -418,7 +417,7 @@ def cross_stats_triton(logits_ref:torch.Tensor, # [..., V] logits of the referen
             check_finite(r, "logits_ref", lead); check_finite(s, "logits_score", lead)
     return m1.reshape(lead), m2.reshape(lead)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #f96c21da
+# %% ../../nbs/21_kernels.vocab.ipynb #686525ec
 IMPLS = ("auto", "triton", "torch")
 
 def _use_triton(x:torch.Tensor, impl:str)->bool:
@@ -444,7 +443,7 @@ def cross_stats(logits_ref:torch.Tensor, # [..., V] reference (sampling) model l
     f = cross_stats_triton if _use_triton(logits_ref, impl) else cross_stats_torch
     return f(logits_ref, logits_score)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #57f3bf1f
+# %% ../../nbs/21_kernels.vocab.ipynb #c9681824
 def check_hidden(hidden:torch.Tensor, weight:torch.Tensor, bias:torch.Tensor|None)->tuple[int, int]:
     "Validate hidden states [..., d], an LM-head weight [V, d] and an optional bias [V]; return (V, d)."
     for name, v in (("hidden", hidden), ("weight", weight)) + ((("bias", bias),) if bias is not None else ()):
@@ -485,7 +484,7 @@ def vocab_stats_from_hidden_torch(hidden:torch.Tensor, # [..., d] final hidden s
         for o, r in zip(outs, _torch_rows(x, t[s:s+step], dtype)): o[s:s+step] = r
     return VocabStats(*(o.reshape(lead) for o in outs))
 
-# %% ../../nbs/21_kernels.vocab.ipynb #23e7f492
+# %% ../../nbs/21_kernels.vocab.ipynb #4bc4522e
 if HAS_TRITON:
     def _hidden_kernel(H, Wt, Bias, T, N, V, D, stride_h, stride_w,
                        LSE, LOGP, RANK, ENT, MAXLP, MASS, MEAN, VAR, BAD,
@@ -559,7 +558,7 @@ if HAS_TRITON:
         tl.store(VAR + rows, tl.maximum(s2 / s0 - mu * mu, 0.0), mask=rmask)
         tl.store(BAD + rows, bad, mask=rmask)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #9ece6722
+# %% ../../nbs/21_kernels.vocab.ipynb #46f80466
 def vocab_stats_from_hidden_triton(hidden:torch.Tensor, # [..., d] final hidden states (fp32/bf16/fp16)
                                    weight:torch.Tensor, # [V, d] LM-head weight (same dtype as hidden)
                                    targets:torch.Tensor, # [...] int target ids in [0, V)
