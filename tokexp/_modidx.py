@@ -696,7 +696,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'tokexp.tokmetrics._alignment': ('tokmetrics.html#_alignment', 'tokexp/tokmetrics.py'),
                                    'tokexp.tokmetrics._build_token_table': ('tokmetrics.html#_build_token_table', 'tokexp/tokmetrics.py'),
                                    'tokexp.tokmetrics._class_table': ('tokmetrics.html#_class_table', 'tokexp/tokmetrics.py'),
-                                   'tokexp.tokmetrics._content_class': ('tokmetrics.html#_content_class', 'tokexp/tokmetrics.py'),
                                    'tokexp.tokmetrics._div': ('tokmetrics.html#_div', 'tokexp/tokmetrics.py'),
                                    'tokexp.tokmetrics._group_max': ('tokmetrics.html#_group_max', 'tokexp/tokmetrics.py'),
                                    'tokexp.tokmetrics._script_table': ('tokmetrics.html#_script_table', 'tokexp/tokmetrics.py'),

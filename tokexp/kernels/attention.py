@@ -6,12 +6,12 @@
 __all__ = ['TORCH_CHUNK_ELEMENTS', 'h2o_weights', 'window_weights', 'last_query_weights', 'a2sf_weights',
            'attention_importance_torch', 'query_lse', 'attention_importance']
 
-# %% ../../nbs/40_kernels.attention.ipynb #7d61fc98
+# %% ../../nbs/40_kernels.attention.ipynb #3631d9ea
 import math, os
 import torch
 from ..core import InputError, ConfigError
 
-# %% ../../nbs/40_kernels.attention.ipynb #febb9a8f
+# %% ../../nbs/40_kernels.attention.ipynb #5fb794f9
 def h2o_weights(nq:int, # number of queries
                 device=None, # torch device of the result
                )->torch.Tensor:
@@ -51,7 +51,7 @@ def _check_nq(nq):
     if not isinstance(nq, int) or isinstance(nq, bool) or nq < 0:
         raise InputError(f"nq must be a non-negative int (number of queries), got {nq!r}")
 
-# %% ../../nbs/40_kernels.attention.ipynb #ad18602c
+# %% ../../nbs/40_kernels.attention.ipynb #0879135e
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _check_inputs(q, k, causal, scale, group_reduce="sum", impl="auto"):
@@ -98,7 +98,7 @@ def _causal_mask(Nq, Nk, device, i0=0, i1=None, hi=None)->torch.Tensor:
     i = torch.arange(i0, i1, device=device)[:, None]
     return torch.arange(hi, device=device)[None, :] <= (Nk - Nq) + i
 
-# %% ../../nbs/40_kernels.attention.ipynb #c3caaa99
+# %% ../../nbs/40_kernels.attention.ipynb #9db0067d
 def _group(out, B, Hkv, G, Nk, group_reduce):
     return out.view(B, Hkv, G, Nk).sum(2) if group_reduce == "sum" else out
 
@@ -122,7 +122,7 @@ def attention_importance_torch(q:torch.Tensor, # [B, Hq, Nq, D] queries (the las
     if Nk == 0: p = s  # softmax over an empty axis
     return _group((W[..., None] * p).sum(-2), B, Hkv, G, Nk, group_reduce)
 
-# %% ../../nbs/40_kernels.attention.ipynb #3c66abfd
+# %% ../../nbs/40_kernels.attention.ipynb #4bde7a98
 TORCH_CHUNK_ELEMENTS = 1 << 22  # logits alive at once in the chunked torch path (4M floats = 16 MB)
 
 def _torch_chunked(q, k, W, lse, causal, scale, G, want_scores=True, want_lse=False, chunk=None):
@@ -148,7 +148,7 @@ def _torch_chunked(q, k, W, lse, causal, scale, G, want_scores=True, want_lse=Fa
         out[..., :hi] += (W[:, :, i0:i1].to(ct).view(B, Hkv, G, 1, c) @ p).squeeze(-2)
     return (None if out is None else out.view(B, Hq, Nk)), lse_out
 
-# %% ../../nbs/40_kernels.attention.ipynb #a0c1c95b
+# %% ../../nbs/40_kernels.attention.ipynb #0620003b
 try:
     import triton
     import triton.language as tl
@@ -244,7 +244,7 @@ def _kernels():
     if mode not in _KERNELS: _KERNELS[mode] = (triton.jit(_lse_kernel), triton.jit(_importance_kernel))
     return _KERNELS[mode]
 
-# %% ../../nbs/40_kernels.attention.ipynb #043f4c08
+# %% ../../nbs/40_kernels.attention.ipynb #0c65b5e5
 def _triton_ready(q:torch.Tensor)->str|None:
     "None if the Triton kernel can run on q, else the reason it cannot."
     if triton is None: return "triton is not installed"
@@ -255,18 +255,21 @@ def _triton_ready(q:torch.Tensor)->str|None:
     return None
 
 def _precision(q):
-    "(input_precision, upcast): exact fp32 products for fp32; bf16 upcast only in the interpreter, whose tl.dot misreads it."
-    return ("ieee" if q.dtype == torch.float32 else None), (q.dtype == torch.bfloat16 and _interpreting())
+    "(input_precision, upcast) for tl.dot: fp32 → 3xTF32 (fp32-accurate on tensor cores); bf16 upcast only in the interpreter."
+    return ("tf32x3" if q.dtype == torch.float32 else None), (q.dtype == torch.bfloat16 and _interpreting())
 
-def _blocks(D, Nq, block_m, block_n):
-    "Tile sizes (BLOCK_M queries, BLOCK_N keys, padded head dim); few queries (decode windows) get a short query tile."
+def _blocks(D, Nq, dtype, which, block_m, block_n):
+    "Tile sizes (BLOCK_M queries, BLOCK_N keys, padded head dim) for pass `which` ('lse' or 'scores')."
     BD = max(16, triton.next_power_of_2(D))
-    bm = block_m or min(64 if BD <= 128 else 32, max(16, triton.next_power_of_2(max(Nq, 1))))
-    return bm, (block_n or (64 if BD <= 128 else 32)), BD
+    if dtype == torch.float32: bm, bn = (64, 32) if which == "lse" else (16, 32)  # fp32 tiles need 2x the registers
+    elif BD <= 128: bm, bn = 64, 64
+    else: bm, bn = 32, 32
+    bm = min(bm, max(16, triton.next_power_of_2(max(Nq, 1))))  # decode windows: short query tiles
+    return (block_m or bm), (block_n or bn), BD
 
 def _triton_lse(q, k, causal, scale, G, out=None, block_m=None, block_n=None, num_warps=4):
     B, Hq, Nq, D = q.shape; Nk = k.shape[2]
-    BM, BN, BD = _blocks(D, Nq, block_m, block_n)
+    BM, BN, BD = _blocks(D, Nq, q.dtype, "lse", block_m, block_n)
     out = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device) if out is None else out
     if B * Hq * Nq == 0: return out
     prec, upcast = _precision(q)
@@ -277,7 +280,7 @@ def _triton_lse(q, k, causal, scale, G, out=None, block_m=None, block_n=None, nu
 
 def _triton_importance(q, k, W, lse, causal, scale, G, reduce_sum, out=None, block_m=None, block_n=None, num_warps=4):
     B, Hq, Nq, D = q.shape; Hkv, Nk = k.shape[1], k.shape[2]
-    BM, BN, BD = _blocks(D, Nq, block_m, block_n)
+    BM, BN, BD = _blocks(D, Nq, q.dtype, "scores", block_m, block_n)
     Hout = Hkv if reduce_sum else Hq
     out = torch.empty(B, Hout, Nk, dtype=torch.float32, device=q.device) if out is None else out
     if B * Hout * Nk == 0: return out
@@ -289,7 +292,7 @@ def _triton_importance(q, k, W, lse, causal, scale, G, reduce_sum, out=None, blo
         D=D, CAUSAL=bool(causal), PREC=prec, UPCAST=upcast, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, num_warps=num_warps)
     return out
 
-# %% ../../nbs/40_kernels.attention.ipynb #f1622f22
+# %% ../../nbs/40_kernels.attention.ipynb #f1ba65b0
 def _pick_impl(q, impl):
     if impl == "auto": return "triton" if (q.is_cuda and _triton_ready(q) is None) else "torch"
     if impl == "triton":
