@@ -157,16 +157,16 @@ def visible_pairs(Nq, Nk, causal):
     return Nq * off + Nq * (Nq + 1) // 2
 
 
-def cost_model(B, Hq, Hkv, Nq, Nk, D, itemsize, causal=True, passes=2, block_n=64):
+def cost_model(B, Hq, Hkv, Nq, Nk, D, itemsize, causal=True, passes=2, block_m=64, block_n=64):
     "FLOPs and bytes of the importance computation (floor) and of this kernel's tiled traffic."
     P = visible_pairs(Nq, Nk, causal)
+    frac = P / max(1, Nq * Nk)  # share of (query tile, key tile) pairs not skipped by causality (approximately)
     flops = passes * 2.0 * D * P * B * Hq
     qb, kb = B * Hq * Nq * D * itemsize, B * Hkv * Nk * D * itemsize
     small = B * Hq * Nq * 4 * 2 + B * Hkv * Nk * 4  # w + lse read, scores written
     floor_bytes = qb + kb + small
-    key_blocks = math.ceil(Nk / block_n)
-    frac = P / max(1, Nq * Nk)  # share of query tiles a key block cannot skip (approximately)
-    tiled = kb * passes + qb * (1 + key_blocks * frac) + small + (kb * math.ceil(Nq / 64) * frac * Hq / Hkv if passes == 2 else 0)
+    tiled = kb + qb * math.ceil(Nk / block_n) * frac + small  # pass 2: K once, Q once per key block
+    if passes == 2: tiled += qb + kb * (Hq // Hkv) * math.ceil(Nq / block_m) * frac  # pass 1: Q once, K per query tile
     return dict(flops=flops, floor_bytes=floor_bytes, tiled_bytes=tiled, pairs=P)
 
 
