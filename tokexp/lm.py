@@ -8,9 +8,9 @@ __all__ = ['LM_DOMAINS', 'SPLIT_SALT', 'HELDOUT_EVERY', 'LMS', 'DEFAULT_LMS', 'C
            'count_params', 'lm_corpus', 'corpus_sha', 'tokenizer_key', 'train_tokenizer', 'pack_documents', 'lr_at',
            'fit_lm', 'lm_cache_dir', 'model_key', 'lm_path', 'shared_tokenizer', 'train_lm', 'toy_corpus',
            'resolve_device', 'load_lm', 'text_hash', 'TokenStats', 'sliding_windows', 'vocab_hash', 'check_same_vocab',
-           'model_context', 'token_stats', 'model_identity', 'cached_token_stats', 'cli']
+           'model_context', 'token_stats', 'model_identity', 'cached_token_stats', 'benchmark_token_stats', 'cli']
 
-# %% ../nbs/20_lm.ipynb #b19cd1c2
+# %% ../nbs/20_lm.ipynb #97a1b1de
 import argparse, contextlib, hashlib, json, math, os, shutil, sys, tempfile, time, warnings
 from dataclasses import dataclass, field, asdict, replace, fields
 from functools import lru_cache
@@ -23,10 +23,10 @@ from .core import (Registry, ConfigError, AssetMissingError, IntegrityError, Inp
                          default_profile, seed_everything, atomic_write, write_json, read_json, stable_hash,
                          sha256_file, environment_info)
 
-# %% ../nbs/20_lm.ipynb #a26d0d46
+# %% ../nbs/20_lm.ipynb #bbdc8455
 LM_DOMAINS = ("fortunes", "gcide", "wordnet")  # the English domains of the reference LMs
 SPLIT_SALT = "tokexp-lm-split\0"
-HELDOUT_EVERY = 5  # every fifth record (in hash order) is held out: an 80/20 split
+HELDOUT_EVERY = 5  # a record is held out when its hash is 4 mod 5: an 80/20 split
 
 def _split_key(text:str)->str: return hashlib.sha256((SPLIT_SALT + text).encode("utf-8")).hexdigest()
 
@@ -42,13 +42,13 @@ def split_records(records:Iterable[str], # raw records of one domain
         seen.add(r); uniq.append(r)
     uniq.sort(key=lambda r: (_split_key(r), r))
     train, held, total = [], [], 0
-    for i, r in enumerate(uniq):
+    for r in uniq:
         if max_chars is not None and total >= max_chars: break
-        (held if i % HELDOUT_EVERY == HELDOUT_EVERY - 1 else train).append(r)
+        (held if int(_split_key(r)[8:16], 16) % HELDOUT_EVERY == HELDOUT_EVERY - 1 else train).append(r)
         total += len(r)
     return train, held
 
-# %% ../nbs/20_lm.ipynb #476337e3
+# %% ../nbs/20_lm.ipynb #cad09231
 @lru_cache(maxsize=32)
 def _lm_split_cached(domain:str, max_chars:int|None, min_chars:int)->tuple[tuple[str, ...], tuple[str, ...]]:
     from tokexp.assets import read_domain
@@ -63,7 +63,7 @@ def lm_split(domain:str, # an English domain of `tokexp.assets.read_domain` ('fo
     tr, ho = _lm_split_cached(domain, max_chars, min_chars)
     return list(tr), list(ho)
 
-# %% ../nbs/20_lm.ipynb #be2bad06
+# %% ../nbs/20_lm.ipynb #58fcf176
 @dataclass(frozen=True)
 class LMSpec:
     "Everything that determines a reference LM's weights."
@@ -102,7 +102,7 @@ class LMSpec:
         d = asdict(self); d.pop("name"); d.pop("description"); d["domains"] = list(self.domains)
         return d
 
-# %% ../nbs/20_lm.ipynb #c7a965c9
+# %% ../nbs/20_lm.ipynb #737db669
 LMS = Registry("reference LM", LMSpec)  # name -> LMSpec
 
 LMS.register("ref-small", LMSpec("ref-small", description="GPT-2 architecture, 2 layers, d=128, ctx 128 (~1M parameters)"))
@@ -111,7 +111,7 @@ LMS.register("ref-llama", LMSpec("ref-llama", arch="llama", n_kv_heads=2, d_ff=3
                                  description="Llama architecture (RoPE, RMSNorm, SwiGLU, GQA 4q/2kv), 2 layers, d=128, same tokenizer"))
 DEFAULT_LMS = ("ref-small", "ref-small-s2", "ref-llama")  # trained by `tokexp lm train` with no names
 
-# %% ../nbs/20_lm.ipynb #566084c6
+# %% ../nbs/20_lm.ipynb #4badfe60
 def hf_config(spec:LMSpec, # the reference LM spec
               bos_id:int=0, eos_id:int=1, pad_id:int=2, # special token ids of the shared tokenizer
              ):
@@ -128,7 +128,7 @@ def hf_config(spec:LMSpec, # the reference LM spec
                        rms_norm_eps=1e-5, attention_dropout=0.0, tie_word_embeddings=True,
                        bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
 
-# %% ../nbs/20_lm.ipynb #3325770a
+# %% ../nbs/20_lm.ipynb #8d6929f3
 def count_params(spec:LMSpec)->int:
     "Number of (unique) parameters of the model `spec` describes."
     import torch
@@ -136,7 +136,7 @@ def count_params(spec:LMSpec)->int:
     with torch.device("meta"): m = AutoModelForCausalLM.from_config(hf_config(spec))
     return sum(p.numel() for p in m.parameters())
 
-# %% ../nbs/20_lm.ipynb #c97c77b7
+# %% ../nbs/20_lm.ipynb #23caf329
 Corpus = dict  # {domain: (train_texts, heldout_texts)}
 
 def lm_corpus(spec:LMSpec)->Corpus:
@@ -151,7 +151,7 @@ def corpus_sha(corpus:Corpus)->str:
         for t in corpus[d][0]: h.update(t.encode("utf-8")); h.update(b"\x00")
     return h.hexdigest()
 
-# %% ../nbs/20_lm.ipynb #6d7e5eb9
+# %% ../nbs/20_lm.ipynb #7b117d49
 SPECIALS = ("<|bos|>", "<|eos|>", "<|pad|>")
 TOKENIZER_VERSION = 1  # bump when the tokenizer recipe changes (changes every cache key)
 
@@ -176,7 +176,7 @@ def train_tokenizer(texts:Sequence[str], # training texts (the train split only)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIALS[0], eos_token=SPECIALS[1],
                                    pad_token=SPECIALS[2], clean_up_tokenization_spaces=False)
 
-# %% ../nbs/20_lm.ipynb #472ddb1a
+# %% ../nbs/20_lm.ipynb #70402ecf
 def pack_documents(docs:Sequence[Sequence[int]], # token ids of each document (no specials)
                    ctx:int, # row length
                    bos_id:int, eos_id:int,
@@ -188,14 +188,14 @@ def pack_documents(docs:Sequence[Sequence[int]], # token ids of each document (n
     n = len(stream) // ctx
     return torch.tensor(stream[:n*ctx], dtype=torch.long).view(n, ctx)
 
-# %% ../nbs/20_lm.ipynb #edb6d71d
+# %% ../nbs/20_lm.ipynb #8e1e525a
 def lr_at(step:int, spec:LMSpec)->float:
     "Learning rate of `spec` at `step` (0-based): linear warm-up, cosine decay to lr/10."
     if step < spec.warmup: return spec.lr * (step + 1) / spec.warmup
     frac = (step - spec.warmup) / max(1, spec.steps - spec.warmup)
     return spec.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
-# %% ../nbs/20_lm.ipynb #1ec642e6
+# %% ../nbs/20_lm.ipynb #4637faa6
 @contextlib.contextmanager
 def _deterministic(seed:int):
     "Seed everything and enable deterministic algorithms; restore the previous torch setting afterwards."
@@ -219,7 +219,7 @@ def _mean_nll(model, rows, batch_size:int=32)->float:
             n += x[:, 1:].numel()
     return tot / n
 
-# %% ../nbs/20_lm.ipynb #261c9f3a
+# %% ../nbs/20_lm.ipynb #9536b8ae
 def fit_lm(spec:LMSpec, # what to train
            tokenizer, # the shared tokenizer (`train_tokenizer`)
            corpus:Corpus, # {domain: (train, heldout)}
@@ -274,7 +274,7 @@ def fit_lm(spec:LMSpec, # what to train
            "torch_threads": torch.get_num_threads()}
     return model, log
 
-# %% ../nbs/20_lm.ipynb #dcc20eda
+# %% ../nbs/20_lm.ipynb #7b02de21
 def lm_cache_dir(cache_dir:str|Path|None=None)->Path:
     "`<cache_dir>/lm` (default cache_dir: settings.ini's `cache_dir`)."
     base = Path(cache_dir) if cache_dir else load_settings().path_for("cache_dir", default_profile())
@@ -298,7 +298,7 @@ def lm_path(name_or_spec:str|LMSpec, # registry name or spec
     corpus = lm_corpus(spec) if corpus is None else corpus
     return lm_cache_dir(cache_dir) / f"{spec.name}-{model_key(spec, corpus_sha(corpus))}"
 
-# %% ../nbs/20_lm.ipynb #8958b474
+# %% ../nbs/20_lm.ipynb #9c4efa87
 @contextlib.contextmanager
 def _quiet_transformers():
     "Silence transformers' weight-loading progress bars inside the block (restores the previous setting)."
@@ -333,7 +333,7 @@ def shared_tokenizer(spec:LMSpec, corpus:Corpus, cache_dir:str|Path|None=None):
         with _atomic_dir(path) as tmp: tok.save_pretrained(tmp)
     return PreTrainedTokenizerFast.from_pretrained(path)
 
-# %% ../nbs/20_lm.ipynb #80a9ea42
+# %% ../nbs/20_lm.ipynb #8d65147d
 def train_lm(name_or_spec:str|LMSpec, # registry name or spec
              force:bool=False, # retrain even if cached
              corpus:Corpus|None=None, # override the corpus (tests, small experiments)
@@ -355,7 +355,7 @@ def train_lm(name_or_spec:str|LMSpec, # registry name or spec
         model.save_pretrained(tmp); tok.save_pretrained(tmp); write_json(tmp / "train_log.json", log)
     return path
 
-# %% ../nbs/20_lm.ipynb #05d215f5
+# %% ../nbs/20_lm.ipynb #a0fe57a5
 def toy_corpus(n:int=400, # records per domain
                seed:int=0, # which records
               )->Corpus:
@@ -375,7 +375,7 @@ def toy_corpus(n:int=400, # records per domain
 TINY = LMSpec("tiny", d_model=32, n_layers=1, n_heads=2, ctx=32, vocab_size=320, domains=("stories", "glosses"),
               steps=30, batch_size=8, lr=1e-2, warmup=5, eval_tokens=2048, description="1-layer toy model for tests")
 
-# %% ../nbs/20_lm.ipynb #4f01705b
+# %% ../nbs/20_lm.ipynb #b5bb99e2
 def resolve_device(device=None)->"torch.device":
     "`device`, or CUDA when available, else CPU."
     import torch
@@ -396,7 +396,7 @@ def _hub_offline()->bool:
     try: return bool(load_settings().profile(default_profile()).get("offline", False))
     except ConfigError: return False
 
-# %% ../nbs/20_lm.ipynb #67cc345b
+# %% ../nbs/20_lm.ipynb #07e83477
 def load_lm(name_or_path:str|Path, # registry name, local folder, or "hf:<hub id>"
             device=None, # torch device (None: cuda if available else cpu)
             dtype=None, # torch dtype or its name (None: float32; bfloat16 for hub models on CUDA)
@@ -447,7 +447,7 @@ def _load(s, dev, dtype, train_if_missing, cache_dir, local_files_only):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_resolve_dtype(dtype, dev, False))
     return model, tok, name
 
-# %% ../nbs/20_lm.ipynb #c7d791b2
+# %% ../nbs/20_lm.ipynb #f8a997ef
 STAT_FIELDS = ("logp", "rank", "entropy", "max_logp", "mass_geq", "mean_logp", "var_logp")
 CROSS_FIELDS = ("cross_mean_logp", "cross_var_logp")
 TOKENSTATS_VERSION = 1
@@ -519,7 +519,7 @@ class TokenStats:
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(n > 0, (np.where(self.mask, v, 0)).sum(1) / np.maximum(n, 1), np.nan)
 
-# %% ../nbs/20_lm.ipynb #3e5302e3
+# %% ../nbs/20_lm.ipynb #df7d8b49
 def sliding_windows(L:int, # sequence length (BOS included)
                     W:int, # window length (the model context or less)
                     stride:int, # distance between window starts, 1 <= stride <= W-1
@@ -534,7 +534,7 @@ def sliding_windows(L:int, # sequence length (BOS included)
         if end >= L: return out
         start = min(start + stride, L - W)
 
-# %% ../nbs/20_lm.ipynb #93836acf
+# %% ../nbs/20_lm.ipynb #419fa1d9
 def vocab_hash(tokenizer)->str:
     "stable_hash of the tokenizer's token → id dict."
     return stable_hash(sorted(tokenizer.get_vocab().items()))
@@ -549,7 +549,7 @@ def check_same_vocab(tok_a, tok_b, names:tuple[str, str]=("model", "other"))->No
                      f"only in {names[0]}: {only_a}; only in {names[1]}: {only_b}; different ids: {moved}). "
                      "Two-model statistics need models that share one tokenizer, e.g. ref-small with ref-small-s2 or ref-llama.")
 
-# %% ../nbs/20_lm.ipynb #0f13a3b2
+# %% ../nbs/20_lm.ipynb #5848189b
 def model_context(model)->int|None:
     "The maximum number of positions of `model` (None if the config does not say)."
     c = model.config
@@ -573,7 +573,7 @@ def _unpack_other(other):
     if isinstance(other, (tuple, list)) and len(other) == 2: return other[0], other[1]
     raise InputError("other must be a (model, tokenizer) pair, e.g. other=load_lm('ref-small-s2'), so the vocabularies can be compared")
 
-# %% ../nbs/20_lm.ipynb #4466d519
+# %% ../nbs/20_lm.ipynb #137aa517
 def token_stats(model, # a causal LM (eval mode is enforced for the call)
                 tokenizer, # its tokenizer
                 texts:Sequence[str], # the texts
@@ -684,7 +684,7 @@ def token_stats(model, # a causal LM (eval mode is enforced for the call)
     return TokenStats(ids=ids, mask=mask, **out, hidden=hid, text_hashes=[text_hash(t) for t in texts],
                       model_name=_model_name(model), other_name=_model_name(omodel) if omodel is not None else None, meta=meta)
 
-# %% ../nbs/20_lm.ipynb #00273e0d
+# %% ../nbs/20_lm.ipynb #89273b7e
 def _stem(path)->Path:
     p = Path(path)
     return p.with_suffix("") if p.suffix in (".npz", ".json") else p
@@ -712,7 +712,7 @@ def _ts_load(cls, path:str|Path)->TokenStats:
 TokenStats.save = _ts_save
 TokenStats.load = classmethod(_ts_load)
 
-# %% ../nbs/20_lm.ipynb #da4a3b61
+# %% ../nbs/20_lm.ipynb #f3f0bf13
 def model_identity(name_or_path:str|Path, cache_dir:str|Path|None=None)->str:
     "A string that changes whenever the weights behind `name_or_path` may change."
     s = str(name_or_path)
@@ -750,7 +750,53 @@ def cached_token_stats(name_or_path:str|Path, # model: registry name, folder or 
     ts.save(path)
     return ts
 
-# %% ../nbs/20_lm.ipynb #eea7b7a1
+# %% ../nbs/20_lm.ipynb #56be58c5
+def benchmark_token_stats(model, tokenizer, texts:Sequence[str], # model, tokenizer and texts to score
+                          batch_size:int=16, # texts per forward pass
+                          reps:int=5, # alternating repetitions (median reported)
+                          extra:bool=False, # also time hidden=True and a two-model run (other = the same model)
+                         )->dict:
+    "Median wall time of a plain forward pass vs `token_stats` on the same batches, and their ratio."
+    import torch
+    W = model_context(model) or 1024
+    bos = tokenizer.bos_token_id
+    ids = [([bos] if bos is not None else []) + e for e in tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]]
+    ids = [s[:W] for s in ids if len(s) >= 2]
+    cut = [tokenizer.decode(s[1:] if bos is not None else s) for s in ids]
+    pad = tokenizer.pad_token_id or 0
+    batches = []
+    for i in range(0, len(ids), batch_size):
+        b = sorted(ids[i:i+batch_size], key=len, reverse=True); L = len(b[0])
+        x = torch.full((len(b), L), pad); am = torch.zeros((len(b), L), dtype=torch.long)
+        for r, s in enumerate(b): x[r, :len(s)] = torch.tensor(s); am[r, :len(s)] = 1
+        batches.append((x, am))
+    dev = next(model.parameters()).device
+    def plain():
+        with torch.inference_mode():
+            for x, am in batches: model(input_ids=x.to(dev), attention_mask=am.to(dev), use_cache=False).logits
+    runs = {"forward": plain, "token_stats": lambda: token_stats(model, tokenizer, cut, batch_size=batch_size, max_length=W)}
+    if extra:
+        runs["token_stats_hidden"] = lambda: token_stats(model, tokenizer, cut, batch_size=batch_size, max_length=W, hidden=True)
+        runs["token_stats_two_models"] = lambda: token_stats(model, tokenizer, cut, batch_size=batch_size, max_length=W, other=(model, tokenizer))
+    for f in runs.values(): f()  # warm-up
+    times = {k: [] for k in runs}
+    for _ in range(reps):
+        for k, f in runs.items():
+            if dev.type == "cuda": torch.cuda.synchronize()
+            t = time.perf_counter(); f()
+            if dev.type == "cuda": torch.cuda.synchronize()
+            times[k].append(time.perf_counter() - t)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    n_tok = sum(len(s) for s in ids)
+    res = {"model": _model_name(model), "device": str(dev), "texts": len(ids), "tokens": n_tok, "batch_size": batch_size,
+           "reps": reps, "seconds": med, "forward_tokens_per_second": n_tok / med["forward"],
+           "overhead_ratio": med["token_stats"] / med["forward"]}
+    if extra:
+        res["overhead_ratio_hidden"] = med["token_stats_hidden"] / med["forward"]
+        res["overhead_ratio_two_models"] = med["token_stats_two_models"] / (2 * med["forward"])
+    return res
+
+# %% ../nbs/20_lm.ipynb #6a5659ff
 def cli(argv:Sequence[str]|None=None)->int:
     "`tokexp lm train|list`."
     ap = argparse.ArgumentParser(prog="tokexp lm", description="Reference language models")
