@@ -158,14 +158,21 @@ def udhr_by_language():
 LOSSLESS = [n for n in T.ZOO if n not in ("bert-bge", "bert-minilm", "nomic-bert-moe")]
 
 
+# The full UDHR (532 declarations, 47.5k paragraphs, 7 MB) takes ~30 s per tokenizer on 2 cores; by default every
+# language is tested on its first ROUNDTRIP_PARAS paragraphs (~2 MB). TOKEXP_FULL_UDHR=1 tests every paragraph.
+ROUNDTRIP_PARAS = None if os.environ.get("TOKEXP_FULL_UDHR") == "1" else 25
+
+
 @pytest.mark.parametrize("name", LOSSLESS)
 def test_roundtrip_udhr_all_languages(name, udhr_by_language):
-    """decode(encode(x)) == x on every paragraph of every UDHR language (532 declarations, 7 MB)."""
+    """decode(encode(x)) == x on paragraphs of every UDHR language."""
     tok = T.load_tokenizer(name)
     assert tok.lossless
     tb = tok.all_token_bytes()
     failures = []
+    assert len(udhr_by_language) == 532
     for key, texts in udhr_by_language.items():
+        texts = texts[:ROUNDTRIP_PARAS]
         for t, ids in zip(texts, tok.encode_batch(texts)):
             if tok.decode(ids) != t: failures.append((key, t[:60]))
             elif tok.format in ("tiktoken", "tekken") or tok.byte_level:
