@@ -371,3 +371,20 @@ def test_registry_complete():
     assert set(POLICIES.names()) == {"h2o", "snapkv", "tova", "a2sf", "streaming_llm", "lazyllm", "random", "knorm"}
     for name in POLICIES.names():
         assert isinstance(make_policy(name, budget=0.5), PrunePolicy)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the Triton importance kernel path inside evict()")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cuda_triton_path(arch):
+    m = tiny(arch).cuda()
+    x = ids(200, seed=2).cuda()
+    with torch.no_grad():
+        base = m.generate(x, max_new_tokens=8, do_sample=False)
+        with evict(m, H2O(1.0), every=2):
+            same = m.generate(x, max_new_tokens=8, do_sample=False)
+        with evict(m, SnapKV(0.25), every=0) as ev:
+            m.generate(x, max_new_tokens=4, do_sample=False)
+    assert torch.equal(base, same)
+    assert ev.events[0]["bytes_after"] / ev.events[0]["bytes_before"] == pytest.approx(0.25, abs=0.01)
+    q, k = attend_to(7, nq=50, nk=300, hq=4, hkv=2)
+    torch.testing.assert_close(H2O().scores(q.cuda(), k.cuda()).cpu(), H2O().scores(q, k), rtol=1e-3, atol=1e-4)
