@@ -1,14 +1,18 @@
 """Streaming vocab-statistics kernel vs a float64 torch reference (issue 5).
 
-On CPU the Triton kernels run in the interpreter: `TRITON_INTERPRET=1` is set here before anything launches a kernel
-(the module jits its kernels at first launch, so the flag is read then). Sizes are small because the interpreter is
-slow; on a CUDA machine the same tests run the compiled kernel on the GPU.
+On CPU the Triton kernels run in the interpreter: `TRITON_INTERPRET=1` is set here before triton is imported (Triton
+reads it for its own library at import and for our kernels at their first launch). If another test module imported
+triton earlier in the same pytest process without the flag, the kernel tests fail with a ConfigError saying so: set
+TRITON_INTERPRET=1 in the environment (or a conftest.py) in that case. Sizes are small because the interpreter is
+slow; on a CUDA machine the same tests run the compiled kernels on the GPU.
 """
 import os
-os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("TOKEXP_TEST_CUDA") else "1")
-import math, warnings
+import torch  # importing torch does not import triton
+if not torch.cuda.is_available():
+    # must happen before triton is first imported in this process (its library functions follow the flag then)
+    os.environ["TRITON_INTERPRET"] = "1"
+import math
 import pytest
-import torch
 
 from tokexp.core import InputError, ConfigError
 from tokexp.kernels import vocab as kv
@@ -235,6 +239,15 @@ def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     with pytest.raises(ConfigError, match="TRITON_INTERPRET=1"):
         vocab_stats(x, t, impl="triton")
     assert_close_stats(vocab_stats(x, t), ref64(x, t))  # auto still works on CPU
+
+
+def test_interpreter_flag_set_after_triton_import_is_a_clear_error():
+    import subprocess, sys
+    code = ("import os, torch, triton\nos.environ['TRITON_INTERPRET'] = '1'\nfrom tokexp.kernels.vocab import vocab_stats\n"
+            "vocab_stats(torch.zeros(2, 5), torch.zeros(2, dtype=torch.long), impl='triton')")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "before the first `import triton`" in r.stderr, r.stderr[-2000:]
 
 
 # --- cross statistics -----------------------------------------------------------------------------------------------

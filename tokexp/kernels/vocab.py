@@ -7,13 +7,13 @@ __all__ = ['IMPLS', 'VocabStats', 'check_logits', 'check_finite', 'check_targets
            'check_pair', 'cross_stats_torch', 'vocab_stats_triton', 'cross_stats_triton', 'vocab_stats', 'cross_stats',
            'check_hidden', 'vocab_stats_from_hidden_torch', 'vocab_stats_from_hidden_triton', 'vocab_stats_from_hidden']
 
-# %% ../../nbs/21_kernels.vocab.ipynb #c906215e
+# %% ../../nbs/21_kernels.vocab.ipynb #eac0d0d0
 import math, os
 from dataclasses import dataclass, fields
 import torch
 from ..core import InputError, ConfigError
 
-# %% ../../nbs/21_kernels.vocab.ipynb #6ede5a03
+# %% ../../nbs/21_kernels.vocab.ipynb #e7b21d8f
 @dataclass
 class VocabStats:
     "Per-position statistics of a distribution over the vocabulary; every field has shape `logits.shape[:-1]`."
@@ -44,7 +44,7 @@ class VocabStats:
     @property
     def shape(self): return self.lse.shape
 
-# %% ../../nbs/21_kernels.vocab.ipynb #f5a3a6a5
+# %% ../../nbs/21_kernels.vocab.ipynb #dc514378
 def _where(mask:torch.Tensor, lead:tuple)->str:
     "Human-readable position of the first True entry of `mask` (shape `lead`)."
     i = int(torch.nonzero(mask.reshape(-1))[0, 0])
@@ -99,7 +99,7 @@ def check_targets(targets:torch.Tensor, # [...] integer token ids
                              "padding positions need a valid placeholder id (and a mask)")
     return targets.long()
 
-# %% ../../nbs/21_kernels.vocab.ipynb #74b770ce
+# %% ../../nbs/21_kernels.vocab.ipynb #3f0c9b53
 def default_chunk(V:int, # vocabulary size
                   budget:int=1<<22, # elements per [chunk, V] temporary (4M fp32 = 16 MiB)
                  )->int:
@@ -144,7 +144,7 @@ def vocab_stats_torch(logits:torch.Tensor, # [..., V] logits, any float dtype
         for o, r in zip(outs, _torch_rows(xs, t[s:s+step], dtype)): o[s:s+step] = r
     return VocabStats(*(o.reshape(lead) for o in outs))
 
-# %% ../../nbs/21_kernels.vocab.ipynb #51de05ec
+# %% ../../nbs/21_kernels.vocab.ipynb #57956000
 def check_pair(logits_ref:torch.Tensor, logits_score:torch.Tensor)->int:
     "Validate two logits tensors over the same vocabulary and positions; return V."
     V = check_logits(logits_ref, "logits_ref"); V2 = check_logits(logits_score, "logits_score")
@@ -178,7 +178,7 @@ def cross_stats_torch(logits_ref:torch.Tensor, # [..., V] logits of the referenc
         m2[a:a+step] = torch.where(pos, p * lq.square(), 0).sum(-1)
     return m1.reshape(lead), m2.reshape(lead)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #15324e68
+# %% ../../nbs/21_kernels.vocab.ipynb #b6c6e1fe
 try:
     import triton
     import triton.language as tl
@@ -197,7 +197,7 @@ def _jit(fn):
     if key not in _JITTED: _JITTED[key] = triton.jit(fn)
     return _JITTED[key]
 
-# %% ../../nbs/21_kernels.vocab.ipynb #8c623812
+# %% ../../nbs/21_kernels.vocab.ipynb #45735710
 if HAS_TRITON:
     def _vocab_kernel(X, T, stride_x, V, cols_per_split,
                       LSE, LOGP, RANK, ENT, MAXLP, MASS, MEAN, VAR, BAD,   # final outputs (SPLIT == False)
@@ -299,13 +299,18 @@ if HAS_TRITON:
         tl.store(VAR + row, tl.maximum(S2 / S0 - mu * mu, 0.0))
         tl.store(BAD + row, bad)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #a7271372
+# %% ../../nbs/21_kernels.vocab.ipynb #4dd33191
 def _check_triton_device(x:torch.Tensor):
     "Raise a clear error when the Triton kernel cannot run on `x`'s device."
     if not HAS_TRITON: raise ConfigError("impl='triton' needs the triton package; use impl='torch'")
     if x.device.type == "cpu" and not _interpreting():
         raise ConfigError("impl='triton' on CPU tensors needs the environment variable TRITON_INTERPRET=1 "
                           "(the interpreter is slow: tests only); use impl='auto' or 'torch' on CPU")
+    lib_interpreted = type(tl.max).__name__ == "InterpretedFunction"  # triton's own library follows the flag at *its* import
+    if lib_interpreted != _interpreting():
+        raise ConfigError(f"TRITON_INTERPRET is {'on' if _interpreting() else 'off'} now but was {'on' if lib_interpreted else 'off'} "
+                          "when triton was first imported; set it before the first `import triton` (e.g. at the top of a test "
+                          "module or in the environment) and do not change it afterwards")
 
 def _num_splits(N:int, V:int, block:int, device:torch.device)->int:
     "Slices per row: enough programs to cover the GPU ~4 times when rows are few, at least 4 tiles per slice."
@@ -352,7 +357,7 @@ def vocab_stats_triton(logits:torch.Tensor, # [..., V] logits, fp32/bf16/fp16
         raise InputError("logits contain NaN or ±inf")  # pragma: no cover (check_finite raises first)
     return VocabStats(*(v.reshape(lead) for v in o))
 
-# %% ../../nbs/21_kernels.vocab.ipynb #db35fc53
+# %% ../../nbs/21_kernels.vocab.ipynb #781bcbd1
 if HAS_TRITON:
     def _cross_kernel(R, S, stride_r, stride_s, V, M1, M2, BAD, BLOCK_V: tl.constexpr):
         # Streaming E_{p_ref}[log p_score] and E_{p_ref}[(log p_score)^2] of one row.
@@ -393,7 +398,7 @@ if HAS_TRITON:
         tl.store(M2 + row, A2 / W - 2.0 * c * e1 + c * c)
         tl.store(BAD + row, bad)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #dd4b1de3
+# %% ../../nbs/21_kernels.vocab.ipynb #0ec45418
 def cross_stats_triton(logits_ref:torch.Tensor, # [..., V] logits of the reference (sampling) model
                        logits_score:torch.Tensor, # [..., V] logits of the scoring model, same shape
                        block_v:int|None=None, # tile size (power of 2; None: min(4096, next pow2 of V))
@@ -417,7 +422,7 @@ def cross_stats_triton(logits_ref:torch.Tensor, # [..., V] logits of the referen
             check_finite(r, "logits_ref", lead); check_finite(s, "logits_score", lead)
     return m1.reshape(lead), m2.reshape(lead)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #e502a4a1
+# %% ../../nbs/21_kernels.vocab.ipynb #03a087b8
 IMPLS = ("auto", "triton", "torch")
 
 def _use_triton(x:torch.Tensor, impl:str)->bool:
@@ -443,7 +448,7 @@ def cross_stats(logits_ref:torch.Tensor, # [..., V] reference (sampling) model l
     f = cross_stats_triton if _use_triton(logits_ref, impl) else cross_stats_torch
     return f(logits_ref, logits_score)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #9c89d80c
+# %% ../../nbs/21_kernels.vocab.ipynb #e785c0ae
 def check_hidden(hidden:torch.Tensor, weight:torch.Tensor, bias:torch.Tensor|None)->tuple[int, int]:
     "Validate hidden states [..., d], an LM-head weight [V, d] and an optional bias [V]; return (V, d)."
     for name, v in (("hidden", hidden), ("weight", weight)) + ((("bias", bias),) if bias is not None else ()):
@@ -484,7 +489,7 @@ def vocab_stats_from_hidden_torch(hidden:torch.Tensor, # [..., d] final hidden s
         for o, r in zip(outs, _torch_rows(x, t[s:s+step], dtype)): o[s:s+step] = r
     return VocabStats(*(o.reshape(lead) for o in outs))
 
-# %% ../../nbs/21_kernels.vocab.ipynb #468b5e0b
+# %% ../../nbs/21_kernels.vocab.ipynb #4943beeb
 if HAS_TRITON:
     def _hidden_kernel(H, Wt, Bias, T, N, V, D, stride_h, stride_w,
                        LSE, LOGP, RANK, ENT, MAXLP, MASS, MEAN, VAR, BAD,
@@ -558,7 +563,7 @@ if HAS_TRITON:
         tl.store(VAR + rows, tl.maximum(s2 / s0 - mu * mu, 0.0), mask=rmask)
         tl.store(BAD + rows, bad, mask=rmask)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #f65eff53
+# %% ../../nbs/21_kernels.vocab.ipynb #e69392e6
 def vocab_stats_from_hidden_triton(hidden:torch.Tensor, # [..., d] final hidden states (fp32/bf16/fp16)
                                    weight:torch.Tensor, # [V, d] LM-head weight (same dtype as hidden)
                                    targets:torch.Tensor, # [...] int target ids in [0, V)
