@@ -153,3 +153,13 @@ def test_pawn_from_disk(stats, texts, tmp_path):
     assert np.allclose(again.predict(stats[te]), p, atol=1e-6)
     (tmp_path / "pawn" / "model.pt").write_bytes(b"garbage")
     with pytest.raises(IntegrityError): PAWNHead.load(tmp_path / "pawn")
+
+
+def test_bench_detectors(models, texts):
+    "One pass per model gives the same scores as per-detector passes, with far fewer passes."
+    from tokexp.detect import bench_detectors
+    r = bench_detectors(*models, texts[0][:6], batch_size=64)
+    assert r["n_detectors"] >= 14
+    assert r["one_pass"]["forward_passes"] == {"model": 1, "other": 1}
+    assert sum(r["per_detector"]["forward_passes"].values()) >= 6 * r["n_detectors"]
+    assert r["max_rel_diff"] < 1e-3
