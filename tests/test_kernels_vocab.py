@@ -118,6 +118,15 @@ def test_kernel_noncontiguous_input():
     xs = torch.randn(6, 2 * 70, device=DEV)[:, ::2]  # stride(-1) == 2
     ts = torch.arange(6, device=DEV)
     assert_close_stats(vocab_stats_triton(xs, ts, block_v=32), ref64(xs, ts))
+    xl, tl_ = rand_case((3, 5), 90, seed=55)
+    xl, tl_ = xl[:, :-1], tl_[:, 1:]  # the usual causal-LM slice: two row strides, addressed without a copy
+    assert kv._row_addressing(xl)[1:] == (4, 5 * 90, 90)
+    assert_close_stats(vocab_stats_triton(xl, tl_, block_v=32, splits=2), ref64(xl, tl_))
+    m1, _ = cross_stats_triton(xl, xl.flip(0), block_v=32)
+    torch.testing.assert_close(m1.cpu().double(), cross64(xl, xl.flip(0))[0], atol=2e-5, rtol=2e-5)
+    xb = torch.randn(2, 3, 4, 50, device=DEV).transpose(1, 2)  # [2, 4, 3, 50]: needs one copy
+    tb = torch.randint(0, 50, (2, 4, 3), device=DEV)
+    assert_close_stats(vocab_stats_triton(xb, tb, block_v=32), ref64(xb, tb))
 
 
 # --- ties, extremes, dtypes ------------------------------------------------------------------------------------------
@@ -386,11 +395,12 @@ def comp(fn, types, constexprs, arch, num_warps=4):
 
 for arch in map(int, sys.argv[1:]):
     for xd, split in (("bf16", False), ("fp32", True), ("fp16", False)):
-        comp(kv._vocab_kernel, {"X": f"*{xd}", "T": "*i64", "stride_x": "i64", "V": "i32", "cols_per_split": "i32",
+        comp(kv._vocab_kernel, {"X": f"*{xd}", "T": "*i64", "INNER": "i32", "stride_o": "i64", "stride_i": "i64", "V": "i32", "cols_per_split": "i32",
                                 "WS": "*fp32", "WI": "*i32", "N": "i32", **OUTS}, {"BLOCK_V": 4096, "SPLIT": split}, arch, 8)
     comp(kv._vocab_combine_kernel, {"WS": "*fp32", "WI": "*i32", "N": "i32", "NSP": "i32", "T": "*i64", "X": "*bf16",
-                                    "stride_x": "i64", **OUTS}, {"BLOCK_S": 64}, arch)
-    comp(kv._cross_kernel, {"R": "*bf16", "S": "*bf16", "stride_r": "i64", "stride_s": "i64", "V": "i32",
+                                    "INNER": "i32", "stride_o": "i64", "stride_i": "i64", **OUTS}, {"BLOCK_S": 64}, arch)
+    comp(kv._cross_kernel, {"R": "*bf16", "S": "*bf16", "INNER_R": "i32", "stride_ro": "i64", "stride_ri": "i64",
+                            "INNER_S": "i32", "stride_so": "i64", "stride_si": "i64", "V": "i32",
                             "M1": "*fp32", "M2": "*fp32", "BAD": "*i32"}, {"BLOCK_V": 4096}, arch, 8)
     for dt, ieee, bias in (("bf16", False, True), ("fp32", True, False)):
         comp(kv._hidden_kernel, {"H": f"*{dt}", "Wt": f"*{dt}", "Bias": f"*{dt}", "T": "*i64", "N": "i32", "V": "i32",

@@ -7,13 +7,13 @@ __all__ = ['IMPLS', 'VocabStats', 'check_logits', 'check_finite', 'check_targets
            'check_pair', 'cross_stats_torch', 'vocab_stats_triton', 'cross_stats_triton', 'vocab_stats', 'cross_stats',
            'check_hidden', 'vocab_stats_from_hidden_torch', 'vocab_stats_from_hidden_triton', 'vocab_stats_from_hidden']
 
-# %% ../../nbs/21_kernels.vocab.ipynb #eac0d0d0
+# %% ../../nbs/21_kernels.vocab.ipynb #5cae7bf7
 import math, os
 from dataclasses import dataclass, fields
 import torch
 from ..core import InputError, ConfigError
 
-# %% ../../nbs/21_kernels.vocab.ipynb #e7b21d8f
+# %% ../../nbs/21_kernels.vocab.ipynb #fed25641
 @dataclass
 class VocabStats:
     "Per-position statistics of a distribution over the vocabulary; every field has shape `logits.shape[:-1]`."
@@ -44,7 +44,7 @@ class VocabStats:
     @property
     def shape(self): return self.lse.shape
 
-# %% ../../nbs/21_kernels.vocab.ipynb #dc514378
+# %% ../../nbs/21_kernels.vocab.ipynb #f04cf522
 def _where(mask:torch.Tensor, lead:tuple)->str:
     "Human-readable position of the first True entry of `mask` (shape `lead`)."
     i = int(torch.nonzero(mask.reshape(-1))[0, 0])
@@ -99,7 +99,7 @@ def check_targets(targets:torch.Tensor, # [...] integer token ids
                              "padding positions need a valid placeholder id (and a mask)")
     return targets.long()
 
-# %% ../../nbs/21_kernels.vocab.ipynb #3f0c9b53
+# %% ../../nbs/21_kernels.vocab.ipynb #df0523c8
 def default_chunk(V:int, # vocabulary size
                   budget:int=1<<22, # elements per [chunk, V] temporary (4M fp32 = 16 MiB)
                  )->int:
@@ -144,7 +144,7 @@ def vocab_stats_torch(logits:torch.Tensor, # [..., V] logits, any float dtype
         for o, r in zip(outs, _torch_rows(xs, t[s:s+step], dtype)): o[s:s+step] = r
     return VocabStats(*(o.reshape(lead) for o in outs))
 
-# %% ../../nbs/21_kernels.vocab.ipynb #57956000
+# %% ../../nbs/21_kernels.vocab.ipynb #c6a29206
 def check_pair(logits_ref:torch.Tensor, logits_score:torch.Tensor)->int:
     "Validate two logits tensors over the same vocabulary and positions; return V."
     V = check_logits(logits_ref, "logits_ref"); V2 = check_logits(logits_score, "logits_score")
@@ -178,7 +178,7 @@ def cross_stats_torch(logits_ref:torch.Tensor, # [..., V] logits of the referenc
         m2[a:a+step] = torch.where(pos, p * lq.square(), 0).sum(-1)
     return m1.reshape(lead), m2.reshape(lead)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #b6c6e1fe
+# %% ../../nbs/21_kernels.vocab.ipynb #b1c4c7b2
 try:
     import triton
     import triton.language as tl
@@ -197,16 +197,16 @@ def _jit(fn):
     if key not in _JITTED: _JITTED[key] = triton.jit(fn)
     return _JITTED[key]
 
-# %% ../../nbs/21_kernels.vocab.ipynb #45735710
+# %% ../../nbs/21_kernels.vocab.ipynb #748a1768
 if HAS_TRITON:
-    def _vocab_kernel(X, T, stride_x, V, cols_per_split,
+    def _vocab_kernel(X, T, INNER, stride_o, stride_i, V, cols_per_split,
                       LSE, LOGP, RANK, ENT, MAXLP, MASS, MEAN, VAR, BAD,   # final outputs (SPLIT == False)
                       WS, WI, N,                                          # partial workspaces (SPLIT == True)
                       BLOCK_V: tl.constexpr, SPLIT: tl.constexpr):
         # Streaming statistics of one row (or one slice of a row) of logits.
         row = tl.program_id(0).to(tl.int64)
         sp = tl.program_id(1)
-        xrow = X + row * stride_x
+        xrow = X + (row // INNER) * stride_o + (row % INNER) * stride_i
         t = tl.load(T + row)
         lt = tl.load(xrow + t).to(tl.float32)
         m = lt
@@ -262,7 +262,7 @@ if HAS_TRITON:
             tl.store(VAR + row, tl.maximum(s2 / s0 - mu * mu, 0.0))
             tl.store(BAD + row, bad)
 
-    def _vocab_combine_kernel(WS, WI, N, NSP, T, X, stride_x,
+    def _vocab_combine_kernel(WS, WI, N, NSP, T, X, INNER, stride_o, stride_i,
                               LSE, LOGP, RANK, ENT, MAXLP, MASS, MEAN, VAR, BAD,
                               BLOCK_S: tl.constexpr):
         # Merge the per-slice partial sums of one row into the final statistics.
@@ -286,7 +286,7 @@ if HAS_TRITON:
         cnt = tl.sum(tl.load(WI + k, mask=mask, other=0), 0)
         bad = tl.sum(tl.load(WI + stride_ws + k, mask=mask, other=0), 0)
         t = tl.load(T + row)
-        lt = tl.load(X + row * stride_x + t).to(tl.float32)
+        lt = tl.load(X + (row // INNER) * stride_o + (row % INNER) * stride_i + t).to(tl.float32)
         c = tl.log(S0)
         mu = S1 / S0
         tl.store(LSE + row, M + c)
@@ -299,7 +299,7 @@ if HAS_TRITON:
         tl.store(VAR + row, tl.maximum(S2 / S0 - mu * mu, 0.0))
         tl.store(BAD + row, bad)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #4dd33191
+# %% ../../nbs/21_kernels.vocab.ipynb #19c1f4e4
 def _check_triton_device(x:torch.Tensor):
     "Raise a clear error when the Triton kernel cannot run on `x`'s device."
     if not HAS_TRITON: raise ConfigError("impl='triton' needs the triton package; use impl='torch'")
@@ -311,6 +311,19 @@ def _check_triton_device(x:torch.Tensor):
         raise ConfigError(f"TRITON_INTERPRET is {'on' if _interpreting() else 'off'} now but was {'on' if lib_interpreted else 'off'} "
                           "when triton was first imported; set it before the first `import triton` (e.g. at the top of a test "
                           "module or in the environment) and do not change it afterwards")
+
+def _row_addressing(x:torch.Tensor, # [..., V] logits
+                   )->tuple[torch.Tensor, int, int, int]:
+    "`(base, inner, stride_outer, stride_inner)`: flattened row r starts at `(r // inner)*stride_outer + (r % inner)*stride_inner`."
+    V = x.shape[-1]
+    if x.stride(-1) != 1: x = x.contiguous()
+    if x.dim() == 1: x = x[None]
+    try:
+        v = x.view(-1, V); return v, 1, v.stride(0), 0
+    except RuntimeError: pass
+    try: v = x.view(-1, x.shape[-2], V)  # e.g. logits[:, :-1] of a [B, T, V] output: two row strides, no copy
+    except RuntimeError: v = x.contiguous().view(-1, x.shape[-2], V)  # other layouts: one copy
+    return v, v.shape[1], v.stride(0), v.stride(1)
 
 def _num_splits(N:int, V:int, block:int, device:torch.device)->int:
     "Slices per row: enough programs to cover the GPU ~4 times when rows are few, at least 4 tiles per slice."
@@ -331,9 +344,8 @@ def vocab_stats_triton(logits:torch.Tensor, # [..., V] logits, fp32/bf16/fp16
     _check_triton_device(logits)
     lead = tuple(logits.shape[:-1])
     t = check_targets(targets, lead, V, logits.device).reshape(-1).contiguous()
-    x = logits.reshape(-1, V)
-    if x.stride(-1) != 1: x = x.contiguous()
-    N, dev = x.shape[0], x.device
+    x, inner, so, si = _row_addressing(logits)
+    N, dev = t.numel(), x.device
     if out is None:
         out = VocabStats(*(torch.empty(N, dtype=torch.int64 if i == 2 else torch.float32, device=dev) for i in range(8)))
     o = [v.reshape(-1) for v in out.as_dict().values()]
@@ -346,24 +358,25 @@ def vocab_stats_triton(logits:torch.Tensor, # [..., V] logits, fp32/bf16/fp16
     nsp = -(-V // cps)
     nw = 8 if block >= 2048 else 4
     if nsp == 1:
-        _jit(_vocab_kernel)[(N, 1)](x, t, x.stride(0), V, cps, *o, bad, bad, bad, N, BLOCK_V=block, SPLIT=False, num_warps=nw)
+        _jit(_vocab_kernel)[(N, 1)](x, t, inner, so, si, V, cps, *o, bad, bad, bad, N, BLOCK_V=block, SPLIT=False, num_warps=nw)
     else:
         ws = torch.empty(5 * N * nsp, dtype=torch.float32, device=dev)
         wi = torch.empty(2 * N * nsp, dtype=torch.int32, device=dev)
-        _jit(_vocab_kernel)[(N, nsp)](x, t, x.stride(0), V, cps, *o, bad, ws, wi, N, BLOCK_V=block, SPLIT=True, num_warps=nw)
-        _jit(_vocab_combine_kernel)[(N,)](ws, wi, N, nsp, t, x, x.stride(0), *o, bad, BLOCK_S=triton.next_power_of_2(nsp))
+        _jit(_vocab_kernel)[(N, nsp)](x, t, inner, so, si, V, cps, *o, bad, ws, wi, N, BLOCK_V=block, SPLIT=True, num_warps=nw)
+        _jit(_vocab_combine_kernel)[(N,)](ws, wi, N, nsp, t, x, inner, so, si, *o, bad, BLOCK_S=triton.next_power_of_2(nsp))
     if check and bool(bad.any()):
-        check_finite(x, lead=lead)  # names the position
+        check_finite(logits, lead=lead)  # names the position
         raise InputError("logits contain NaN or ±inf")  # pragma: no cover (check_finite raises first)
     return VocabStats(*(v.reshape(lead) for v in o))
 
-# %% ../../nbs/21_kernels.vocab.ipynb #781bcbd1
+# %% ../../nbs/21_kernels.vocab.ipynb #ad442252
 if HAS_TRITON:
-    def _cross_kernel(R, S, stride_r, stride_s, V, M1, M2, BAD, BLOCK_V: tl.constexpr):
+    def _cross_kernel(R, S, INNER_R, stride_ro, stride_ri, INNER_S, stride_so, stride_si, V, M1, M2, BAD,
+                      BLOCK_V: tl.constexpr):
         # Streaming E_{p_ref}[log p_score] and E_{p_ref}[(log p_score)^2] of one row.
         row = tl.program_id(0).to(tl.int64)
-        rrow = R + row * stride_r
-        srow = S + row * stride_s
+        rrow = R + (row // INNER_R) * stride_ro + (row % INNER_R) * stride_ri
+        srow = S + (row // INNER_S) * stride_so + (row % INNER_S) * stride_si
         mr = tl.load(rrow).to(tl.float32)
         ms = tl.load(srow).to(tl.float32)
         W = mr * 0.0
@@ -398,7 +411,7 @@ if HAS_TRITON:
         tl.store(M2 + row, A2 / W - 2.0 * c * e1 + c * c)
         tl.store(BAD + row, bad)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #0ec45418
+# %% ../../nbs/21_kernels.vocab.ipynb #a608e915
 def cross_stats_triton(logits_ref:torch.Tensor, # [..., V] logits of the reference (sampling) model
                        logits_score:torch.Tensor, # [..., V] logits of the scoring model, same shape
                        block_v:int|None=None, # tile size (power of 2; None: min(4096, next pow2 of V))
@@ -408,21 +421,19 @@ def cross_stats_triton(logits_ref:torch.Tensor, # [..., V] logits of the referen
     V = check_pair(logits_ref, logits_score)
     _check_triton_device(logits_ref)
     lead = tuple(logits_ref.shape[:-1])
-    r, s = logits_ref.reshape(-1, V), logits_score.reshape(-1, V)
-    if r.stride(-1) != 1: r = r.contiguous()
-    if s.stride(-1) != 1: s = s.contiguous()
-    N, dev = r.shape[0], r.device
+    r, s = _row_addressing(logits_ref), _row_addressing(logits_score)
+    N, dev = math.prod(lead), logits_ref.device
     m1, m2 = (torch.empty(N, dtype=torch.float32, device=dev) for _ in range(2))
     bad = torch.empty(N, dtype=torch.int32, device=dev)
     if N:
         block = block_v or min(4096, triton.next_power_of_2(V))
-        _jit(_cross_kernel)[(N,)](r, s, r.stride(0), s.stride(0), V, m1, m2, bad, BLOCK_V=block,
+        _jit(_cross_kernel)[(N,)](r[0], s[0], *r[1:], *s[1:], V, m1, m2, bad, BLOCK_V=block,
                                   num_warps=8 if block >= 2048 else 4)
         if check and bool(bad.any()):
-            check_finite(r, "logits_ref", lead); check_finite(s, "logits_score", lead)
+            check_finite(logits_ref, "logits_ref", lead); check_finite(logits_score, "logits_score", lead)
     return m1.reshape(lead), m2.reshape(lead)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #03a087b8
+# %% ../../nbs/21_kernels.vocab.ipynb #1a3b97d4
 IMPLS = ("auto", "triton", "torch")
 
 def _use_triton(x:torch.Tensor, impl:str)->bool:
@@ -448,7 +459,7 @@ def cross_stats(logits_ref:torch.Tensor, # [..., V] reference (sampling) model l
     f = cross_stats_triton if _use_triton(logits_ref, impl) else cross_stats_torch
     return f(logits_ref, logits_score)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #e785c0ae
+# %% ../../nbs/21_kernels.vocab.ipynb #0d13937d
 def check_hidden(hidden:torch.Tensor, weight:torch.Tensor, bias:torch.Tensor|None)->tuple[int, int]:
     "Validate hidden states [..., d], an LM-head weight [V, d] and an optional bias [V]; return (V, d)."
     for name, v in (("hidden", hidden), ("weight", weight)) + ((("bias", bias),) if bias is not None else ()):
@@ -489,7 +500,7 @@ def vocab_stats_from_hidden_torch(hidden:torch.Tensor, # [..., d] final hidden s
         for o, r in zip(outs, _torch_rows(x, t[s:s+step], dtype)): o[s:s+step] = r
     return VocabStats(*(o.reshape(lead) for o in outs))
 
-# %% ../../nbs/21_kernels.vocab.ipynb #4943beeb
+# %% ../../nbs/21_kernels.vocab.ipynb #01579373
 if HAS_TRITON:
     def _hidden_kernel(H, Wt, Bias, T, N, V, D, stride_h, stride_w,
                        LSE, LOGP, RANK, ENT, MAXLP, MASS, MEAN, VAR, BAD,
@@ -563,7 +574,7 @@ if HAS_TRITON:
         tl.store(VAR + rows, tl.maximum(s2 / s0 - mu * mu, 0.0), mask=rmask)
         tl.store(BAD + rows, bad, mask=rmask)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #e69392e6
+# %% ../../nbs/21_kernels.vocab.ipynb #5d97e7a0
 def vocab_stats_from_hidden_triton(hidden:torch.Tensor, # [..., d] final hidden states (fp32/bf16/fp16)
                                    weight:torch.Tensor, # [V, d] LM-head weight (same dtype as hidden)
                                    targets:torch.Tensor, # [...] int target ids in [0, V)
