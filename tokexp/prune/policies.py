@@ -7,7 +7,7 @@ __all__ = ['POLICIES', 'LLAMA_FAMILY', 'SUPPORTED_MODELS', 'PrunePolicy', 'selec
            'attend_to', 'SnapKV', 'TOVA', 'A2SF', 'StreamingLLM', 'LazyLLM', 'RandomPolicy', 'KeyNorm',
            'attention_layers', 'module_queries', 'kv_bytes', 'evict', 'prompt_ids']
 
-# %% ../../nbs/41_prune.ipynb #76cb8035
+# %% ../../nbs/41_prune.ipynb #80434913
 import math, warnings
 from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..core import Registry, ConfigError, InputError
 from ..kernels.attention import attention_importance, h2o_weights, window_weights, last_query_weights, a2sf_weights
 
-# %% ../../nbs/41_prune.ipynb #ae243dbf
+# %% ../../nbs/41_prune.ipynb #75837e56
 def _check_budget(b, what="budget"):
     "Validate one budget: a float ratio in (0, 1] or an int count >= 1."
     if isinstance(b, bool) or not isinstance(b, (int, float)):
@@ -65,7 +65,7 @@ class PrunePolicy:
         "Per-key scores [B, Hkv, Nk] (higher = keep); the one method a policy implements."
         raise NotImplementedError(f"{type(self).__name__} must implement scores()")
 
-# %% ../../nbs/41_prune.ipynb #89ccc6bb
+# %% ../../nbs/41_prune.ipynb #e3949a7a
 def _layer_budget(self:PrunePolicy, layer:int, n_layers:int)->float|int:
     "The budget of `layer` (of `n_layers`)."
     if self.layer_budgets is not None:
@@ -85,7 +85,7 @@ def _keep_count(self:PrunePolicy, n:int, layer:int=0, n_layers:int=1)->int:
 
 PrunePolicy.layer_budget, PrunePolicy.keep_count = _layer_budget, _keep_count
 
-# %% ../../nbs/41_prune.ipynb #f3543fb2
+# %% ../../nbs/41_prune.ipynb #e6dc4789
 def select_keep(scores:torch.Tensor, # [B, H, N] per-key scores (higher = keep)
                 n_keep:int, # positions kept per head
                 *, sinks:int=0, # first valid positions always kept
@@ -115,7 +115,7 @@ def gather_positions(t:torch.Tensor, # [B, H, N, D] keys or values (or [B, H, N]
     if t.dim() == 3: return t.gather(2, idx)
     return t.gather(2, idx[..., None].expand(*idx.shape, t.shape[-1]))
 
-# %% ../../nbs/41_prune.ipynb #5b6b5b09
+# %% ../../nbs/41_prune.ipynb #6a2d59d6
 def _select(self:PrunePolicy, scores:torch.Tensor, # [B, Hkv, N]
             n_keep:int, # positions kept per head
             valid:torch.Tensor|None=None, # [B, N] bool, False for padding
@@ -148,7 +148,7 @@ def _prune(self:PrunePolicy, q:torch.Tensor|None, # [B, Hq, Nq, D] queries (None
 
 PrunePolicy.select, PrunePolicy.prune = _select, _prune
 
-# %% ../../nbs/41_prune.ipynb #98d8b16e
+# %% ../../nbs/41_prune.ipynb #0cd6e404
 POLICIES = Registry("KV pruning policy", PrunePolicy)
 
 def make_policy(name:str, # registry name ("h2o", "snapkv", ...)
@@ -162,7 +162,7 @@ def _importance(q, k, w, scale):
     if q is None: raise InputError("this policy needs queries: pass q [B, Hq, Nq, D]")
     return attention_importance(q, k, w, causal=True, scale=scale)
 
-# %% ../../nbs/41_prune.ipynb #63eb4cd8
+# %% ../../nbs/41_prune.ipynb #a4e75843
 @POLICIES.register("h2o")
 @dataclass
 class H2O(PrunePolicy):
@@ -174,7 +174,7 @@ class H2O(PrunePolicy):
         s = _importance(q, k, h2o_weights(q.shape[2], q.device), scale)
         return s if past is None else s + past
 
-# %% ../../nbs/41_prune.ipynb #1ae55eba
+# %% ../../nbs/41_prune.ipynb #00f8287d
 def attend_to(target:int, # the key every query attends to
               nq:int=4, nk:int=8, d:int=16, # sizes
               strength:float=8.0, # how much larger the target's logit is
@@ -189,7 +189,7 @@ def attend_to(target:int, # the key every query attends to
     q = torch.randn(1, hq, nq, d, generator=g) * 0.1 + u * math.sqrt(d)
     return q, k
 
-# %% ../../nbs/41_prune.ipynb #9d6cf373
+# %% ../../nbs/41_prune.ipynb #79aaa904
 @POLICIES.register("snapkv")
 @dataclass
 class SnapKV(PrunePolicy):
@@ -215,7 +215,7 @@ class SnapKV(PrunePolicy):
         kw = dict(stride=1, padding=self.kernel // 2) | ({} if self.pooling == "max" else dict(count_include_pad=False))
         return pool(s.reshape(B * H, 1, N), self.kernel, **kw).view(B, H, N)
 
-# %% ../../nbs/41_prune.ipynb #d481ebea
+# %% ../../nbs/41_prune.ipynb #2d30887a
 @POLICIES.register("tova")
 @dataclass
 class TOVA(PrunePolicy):
@@ -237,7 +237,7 @@ class A2SF(PrunePolicy):
         s = _importance(q, k, a2sf_weights(q.shape[2], self.alpha, q.device), scale)
         return s if past is None else s + past * self.alpha ** q.shape[2]
 
-# %% ../../nbs/41_prune.ipynb #36b06b32
+# %% ../../nbs/41_prune.ipynb #03277e3f
 @POLICIES.register("streaming_llm")
 @dataclass
 class StreamingLLM(PrunePolicy):
@@ -279,7 +279,7 @@ class KeyNorm(PrunePolicy):
     def scores(self, q, k, past=None, *, scale=None, layer=0):
         return -k.float().norm(dim=-1)
 
-# %% ../../nbs/41_prune.ipynb #6857623d
+# %% ../../nbs/41_prune.ipynb #2e90f8a0
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_MODELS = "GPT-2 (model_type 'gpt2') and Llama-family models (model_type " + ", ".join(map(repr, LLAMA_FAMILY)) + ")"
 
@@ -321,7 +321,7 @@ def module_queries(module, kind:str, # "gpt2" or "llama"
         cos, sin = position_embeddings
         return apply_rotary_pos_emb(q, q, cos, sin)[0]
 
-# %% ../../nbs/41_prune.ipynb #f5aae94b
+# %% ../../nbs/41_prune.ipynb #5d25bbe1
 def kv_bytes(cache)->int:
     "Bytes held by the key and value tensors of a transformers cache."
     return sum(t.numel() * t.element_size() for l in cache.layers for t in (l.keys, l.values) if isinstance(t, torch.Tensor))
@@ -370,7 +370,7 @@ class evict:
         finally:
             self._handles, self._st = [], None
 
-# %% ../../nbs/41_prune.ipynb #f1b71acb
+# %% ../../nbs/41_prune.ipynb #9d3a86ab
 def _model_pre(self:evict, module, args, kwargs):
     cache = kwargs.get("past_key_values")
     ids = kwargs.get("input_ids", args[0] if args else None)
@@ -420,7 +420,7 @@ def _layer_pre(self:evict, li:int, kind:str):
 
 evict._model_pre, evict._layer_pre = _model_pre, _layer_pre
 
-# %% ../../nbs/41_prune.ipynb #1df264d9
+# %% ../../nbs/41_prune.ipynb #775273ac
 def _model_post(self:evict, module, args, kwargs, output):
     st = self._st
     if st is None: return None
@@ -474,7 +474,7 @@ def _model_post(self:evict, module, args, kwargs, output):
 
 evict._model_post = _model_post
 
-# %% ../../nbs/41_prune.ipynb #1138d116
+# %% ../../nbs/41_prune.ipynb #180c7d93
 def prompt_ids(tok, text:str, device=None)->torch.Tensor:
     "[1, N] token ids of `text` with the reference LMs' BOS token in front."
     ids = tok(text, add_special_tokens=False)["input_ids"]
