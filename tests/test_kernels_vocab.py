@@ -416,3 +416,18 @@ def test_kernels_compile_for_gpu_targets():
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     r = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, "80", "90"], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "ALL OK" in r.stdout, r.stdout[-3000:] + r.stderr[-5000:]
+
+
+def test_auto_falls_back_to_torch_when_the_kernel_fails(monkeypatch):
+    x, t = rand_case((2, 3), 20, seed=70)
+    def broken(*a, **k): raise RuntimeError("no kernel for this GPU")
+    monkeypatch.setattr(kv, "vocab_stats_triton", broken)
+    monkeypatch.setattr(kv, "_use_triton", lambda x, impl: impl != "torch")
+    monkeypatch.setattr(kv, "_KERNEL_FAILED", set())
+    with pytest.warns(UserWarning, match="Triton vocab kernel failed"):
+        st = kv.vocab_stats(x, t)
+    assert_close_stats(st, ref64(x, t))
+    with pytest.raises(RuntimeError, match="no kernel"):
+        kv.vocab_stats(x, t, impl="triton")
+    with pytest.raises(InputError):  # input errors are not swallowed by the fallback
+        kv.vocab_stats(x, t + 20)

@@ -7,13 +7,13 @@ __all__ = ['IMPLS', 'VocabStats', 'check_logits', 'check_finite', 'check_targets
            'check_pair', 'cross_stats_torch', 'vocab_stats_triton', 'cross_stats_triton', 'vocab_stats', 'cross_stats',
            'check_hidden', 'vocab_stats_from_hidden_torch', 'vocab_stats_from_hidden_triton', 'vocab_stats_from_hidden']
 
-# %% ../../nbs/21_kernels.vocab.ipynb #5cae7bf7
+# %% ../../nbs/21_kernels.vocab.ipynb #c25adfb4
 import math, os
 from dataclasses import dataclass, fields
 import torch
 from ..core import InputError, ConfigError
 
-# %% ../../nbs/21_kernels.vocab.ipynb #fed25641
+# %% ../../nbs/21_kernels.vocab.ipynb #ef23f91d
 @dataclass
 class VocabStats:
     "Per-position statistics of a distribution over the vocabulary; every field has shape `logits.shape[:-1]`."
@@ -44,7 +44,7 @@ class VocabStats:
     @property
     def shape(self): return self.lse.shape
 
-# %% ../../nbs/21_kernels.vocab.ipynb #f04cf522
+# %% ../../nbs/21_kernels.vocab.ipynb #54c685ef
 def _where(mask:torch.Tensor, lead:tuple)->str:
     "Human-readable position of the first True entry of `mask` (shape `lead`)."
     i = int(torch.nonzero(mask.reshape(-1))[0, 0])
@@ -99,7 +99,7 @@ def check_targets(targets:torch.Tensor, # [...] integer token ids
                              "padding positions need a valid placeholder id (and a mask)")
     return targets.long()
 
-# %% ../../nbs/21_kernels.vocab.ipynb #df0523c8
+# %% ../../nbs/21_kernels.vocab.ipynb #1e261317
 def default_chunk(V:int, # vocabulary size
                   budget:int=1<<22, # elements per [chunk, V] temporary (4M fp32 = 16 MiB)
                  )->int:
@@ -144,7 +144,7 @@ def vocab_stats_torch(logits:torch.Tensor, # [..., V] logits, any float dtype
         for o, r in zip(outs, _torch_rows(xs, t[s:s+step], dtype)): o[s:s+step] = r
     return VocabStats(*(o.reshape(lead) for o in outs))
 
-# %% ../../nbs/21_kernels.vocab.ipynb #c6a29206
+# %% ../../nbs/21_kernels.vocab.ipynb #761f1aec
 def check_pair(logits_ref:torch.Tensor, logits_score:torch.Tensor)->int:
     "Validate two logits tensors over the same vocabulary and positions; return V."
     V = check_logits(logits_ref, "logits_ref"); V2 = check_logits(logits_score, "logits_score")
@@ -178,7 +178,7 @@ def cross_stats_torch(logits_ref:torch.Tensor, # [..., V] logits of the referenc
         m2[a:a+step] = torch.where(pos, p * lq.square(), 0).sum(-1)
     return m1.reshape(lead), m2.reshape(lead)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #b1c4c7b2
+# %% ../../nbs/21_kernels.vocab.ipynb #6f946373
 try:
     import triton
     import triton.language as tl
@@ -197,7 +197,7 @@ def _jit(fn):
     if key not in _JITTED: _JITTED[key] = triton.jit(fn)
     return _JITTED[key]
 
-# %% ../../nbs/21_kernels.vocab.ipynb #748a1768
+# %% ../../nbs/21_kernels.vocab.ipynb #d33caca0
 if HAS_TRITON:
     def _vocab_kernel(X, T, INNER, stride_o, stride_i, V, cols_per_split,
                       LSE, LOGP, RANK, ENT, MAXLP, MASS, MEAN, VAR, BAD,   # final outputs (SPLIT == False)
@@ -299,7 +299,7 @@ if HAS_TRITON:
         tl.store(VAR + row, tl.maximum(S2 / S0 - mu * mu, 0.0))
         tl.store(BAD + row, bad)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #19c1f4e4
+# %% ../../nbs/21_kernels.vocab.ipynb #e57bb568
 def _check_triton_device(x:torch.Tensor):
     "Raise a clear error when the Triton kernel cannot run on `x`'s device."
     if not HAS_TRITON: raise ConfigError("impl='triton' needs the triton package; use impl='torch'")
@@ -369,7 +369,7 @@ def vocab_stats_triton(logits:torch.Tensor, # [..., V] logits, fp32/bf16/fp16
         raise InputError("logits contain NaN or ±inf")  # pragma: no cover (check_finite raises first)
     return VocabStats(*(v.reshape(lead) for v in o))
 
-# %% ../../nbs/21_kernels.vocab.ipynb #ad442252
+# %% ../../nbs/21_kernels.vocab.ipynb #51044ab8
 if HAS_TRITON:
     def _cross_kernel(R, S, INNER_R, stride_ro, stride_ri, INNER_S, stride_so, stride_si, V, M1, M2, BAD,
                       BLOCK_V: tl.constexpr):
@@ -411,7 +411,7 @@ if HAS_TRITON:
         tl.store(M2 + row, A2 / W - 2.0 * c * e1 + c * c)
         tl.store(BAD + row, bad)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #a608e915
+# %% ../../nbs/21_kernels.vocab.ipynb #91291cc4
 def cross_stats_triton(logits_ref:torch.Tensor, # [..., V] logits of the reference (sampling) model
                        logits_score:torch.Tensor, # [..., V] logits of the scoring model, same shape
                        block_v:int|None=None, # tile size (power of 2; None: min(4096, next pow2 of V))
@@ -433,7 +433,7 @@ def cross_stats_triton(logits_ref:torch.Tensor, # [..., V] logits of the referen
             check_finite(logits_ref, "logits_ref", lead); check_finite(logits_score, "logits_score", lead)
     return m1.reshape(lead), m2.reshape(lead)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #1a3b97d4
+# %% ../../nbs/21_kernels.vocab.ipynb #4251dbcd
 IMPLS = ("auto", "triton", "torch")
 
 def _use_triton(x:torch.Tensor, impl:str)->bool:
@@ -442,13 +442,28 @@ def _use_triton(x:torch.Tensor, impl:str)->bool:
     if impl == "auto": return HAS_TRITON and x.device.type == "cuda" and x.dtype != torch.float64
     return impl == "triton"
 
+_KERNEL_FAILED = set()
+
+def _dispatch(name:str, x:torch.Tensor, impl:str, kernel, reference, *args):
+    "Run `kernel(*args)` or `reference(*args)` as `impl` says; under 'auto' a failing kernel falls back (with one warning)."
+    if not _use_triton(x, impl) or (impl == "auto" and name in _KERNEL_FAILED): return reference(*args)
+    if impl == "triton": return kernel(*args)
+    try: return kernel(*args)
+    except (InputError, ConfigError): raise
+    except Exception as e:  # compile/launch problems on an untested GPU or Triton version
+        import warnings
+        _KERNEL_FAILED.add(name)
+        warnings.warn(f"the Triton {name} kernel failed ({type(e).__name__}: {str(e)[:300]}); using the torch path from now on. "
+                      f"Pass impl='triton' to see the full error.")
+        return reference(*args)
+
 def vocab_stats(logits:torch.Tensor, # [..., V] logits, any float dtype
                 targets:torch.Tensor, # [...] int target ids in [0, V)
                 impl:str="auto", # "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch"
                )->VocabStats:
     "Per-position `VocabStats` of `logits` and `targets`, streaming over the vocabulary."
     check_logits(logits)
-    return vocab_stats_triton(logits, targets) if _use_triton(logits, impl) else vocab_stats_torch(logits, targets)
+    return _dispatch("vocab", logits, impl, vocab_stats_triton, vocab_stats_torch, logits, targets)
 
 def cross_stats(logits_ref:torch.Tensor, # [..., V] reference (sampling) model logits
                 logits_score:torch.Tensor, # [..., V] scoring model logits (same shape and vocabulary)
@@ -456,10 +471,9 @@ def cross_stats(logits_ref:torch.Tensor, # [..., V] reference (sampling) model l
                )->tuple[torch.Tensor, torch.Tensor]:
     "E_{p_ref}[log p_score] and E_{p_ref}[(log p_score)^2] per position (Fast-DetectGPT, Binoculars)."
     check_pair(logits_ref, logits_score)
-    f = cross_stats_triton if _use_triton(logits_ref, impl) else cross_stats_torch
-    return f(logits_ref, logits_score)
+    return _dispatch("cross", logits_ref, impl, cross_stats_triton, cross_stats_torch, logits_ref, logits_score)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #0d13937d
+# %% ../../nbs/21_kernels.vocab.ipynb #63a82a5c
 def check_hidden(hidden:torch.Tensor, weight:torch.Tensor, bias:torch.Tensor|None)->tuple[int, int]:
     "Validate hidden states [..., d], an LM-head weight [V, d] and an optional bias [V]; return (V, d)."
     for name, v in (("hidden", hidden), ("weight", weight)) + ((("bias", bias),) if bias is not None else ()):
@@ -500,7 +514,7 @@ def vocab_stats_from_hidden_torch(hidden:torch.Tensor, # [..., d] final hidden s
         for o, r in zip(outs, _torch_rows(x, t[s:s+step], dtype)): o[s:s+step] = r
     return VocabStats(*(o.reshape(lead) for o in outs))
 
-# %% ../../nbs/21_kernels.vocab.ipynb #01579373
+# %% ../../nbs/21_kernels.vocab.ipynb #21076eb2
 if HAS_TRITON:
     def _hidden_kernel(H, Wt, Bias, T, N, V, D, stride_h, stride_w,
                        LSE, LOGP, RANK, ENT, MAXLP, MASS, MEAN, VAR, BAD,
@@ -574,7 +588,7 @@ if HAS_TRITON:
         tl.store(VAR + rows, tl.maximum(s2 / s0 - mu * mu, 0.0), mask=rmask)
         tl.store(BAD + rows, bad, mask=rmask)
 
-# %% ../../nbs/21_kernels.vocab.ipynb #5d97e7a0
+# %% ../../nbs/21_kernels.vocab.ipynb #f8703ae3
 def vocab_stats_from_hidden_triton(hidden:torch.Tensor, # [..., d] final hidden states (fp32/bf16/fp16)
                                    weight:torch.Tensor, # [V, d] LM-head weight (same dtype as hidden)
                                    targets:torch.Tensor, # [...] int target ids in [0, V)
@@ -621,5 +635,5 @@ def vocab_stats_from_hidden(hidden:torch.Tensor, # [..., d] final hidden states
                            )->VocabStats:
     "Per-position `VocabStats` of the LM head's logits without materializing all of them."
     check_hidden(hidden, weight, bias)
-    if _use_triton(hidden, impl): return vocab_stats_from_hidden_triton(hidden, weight, targets, bias)
-    return vocab_stats_from_hidden_torch(hidden, weight, targets, bias)
+    return _dispatch("hidden", hidden, impl, vocab_stats_from_hidden_triton, vocab_stats_from_hidden_torch,
+                     hidden, weight, targets, bias)
