@@ -1,5 +1,11 @@
 import os, sys
 from pathlib import Path
+
+# Triton kernels are checked on CPU-only machines through Triton's interpreter, which must be chosen before triton is
+# first imported in the process (any test module may import it): decide here, once, before collection.
+if not (os.path.exists("/dev/nvidia0") or os.environ.get("CUDA_VISIBLE_DEVICES")):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
