@@ -246,6 +246,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'tokexp.kernels.vocab.VocabStats.to': ('kernels.vocab.html#vocabstats.to', 'tokexp/kernels/vocab.py'),
                                       'tokexp.kernels.vocab._check_triton_device': ( 'kernels.vocab.html#_check_triton_device',
                                                                                      'tokexp/kernels/vocab.py'),
+                                      'tokexp.kernels.vocab._dispatch': ('kernels.vocab.html#_dispatch', 'tokexp/kernels/vocab.py'),
                                       'tokexp.kernels.vocab._interpreting': ('kernels.vocab.html#_interpreting', 'tokexp/kernels/vocab.py'),
                                       'tokexp.kernels.vocab._jit': ('kernels.vocab.html#_jit', 'tokexp/kernels/vocab.py'),
                                       'tokexp.kernels.vocab._num_splits': ('kernels.vocab.html#_num_splits', 'tokexp/kernels/vocab.py'),

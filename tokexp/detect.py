@@ -11,7 +11,7 @@ __all__ = ['EPS', 'DETECTORS', 'ATTACKS', 'N_PAWN_FEATURES', 'masked_sum', 'mask
            'word_swap', 'local_shuffle', 'count_forward_passes', 'bench_detectors', 'pawn_features', 'PAWNConfig',
            'split_indices', 'PAWNHead', 'train_pawn']
 
-# %% ../nbs/30_detect.ipynb #d09c5752
+# %% ../nbs/30_detect.ipynb #d8a46ccf
 import json, math, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
@@ -22,7 +22,7 @@ import numpy as np
 from .core import Registry, ConfigError, InputError, IntegrityError, AssetMissingError, atomic_write, write_json, read_json, sha256_file
 from .lm import TokenStats, STAT_FIELDS, CROSS_FIELDS, check_same_vocab
 
-# %% ../nbs/30_detect.ipynb #cc423d9d
+# %% ../nbs/30_detect.ipynb #409d5519
 def masked_sum(x:np.ndarray, # [N, T] per-token values
                mask:np.ndarray, # [N, T] bool
               )->np.ndarray:
@@ -35,7 +35,7 @@ def masked_mean(x:np.ndarray, # [N, T] per-token values
     "Mean over the scored tokens of each text (0 for a text with none; such texts are excluded upstream)."
     return masked_sum(x, mask) / np.maximum(mask.sum(1), 1)
 
-# %% ../nbs/30_detect.ipynb #405f4b7b
+# %% ../nbs/30_detect.ipynb #9ae7579b
 EPS = 1e-6  # floor of denominators (a text whose every token has rank 1 has Σ log rank = 0)
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def check_pair(stats:TokenStats, other:TokenStats)->None:
     if list(stats.text_hashes) != list(other.text_hashes) or stats.ids.shape != other.ids.shape or not (stats.ids == other.ids).all():
         raise InputError("the two TokenStats do not cover the same texts tokenized the same way; compute both on one list of texts")
 
-# %% ../nbs/30_detect.ipynb #f4d3aaea
+# %% ../nbs/30_detect.ipynb #af78041b
 @register_detector("loglik", True, description="mean log p(x_t | x_<t)")
 def loglik(s, o=None): return masked_mean(s.logp, s.mask)
 
@@ -146,7 +146,7 @@ def mass_geq(s, o=None): return masked_mean(s.mass_geq, s.mask)
 @register_detector("ppl-entropy", False, ("logp", "entropy"), description="log-perplexity / mean entropy (one-model Binoculars)")
 def ppl_entropy(s, o=None): return -masked_mean(s.logp, s.mask) / np.maximum(masked_mean(s.entropy, s.mask), EPS)
 
-# %% ../nbs/30_detect.ipynb #9aeaf00d
+# %% ../nbs/30_detect.ipynb #3721564c
 def sampling_discrepancy(logp:np.ndarray, # [N, T] log p(x_t) under the scoring model
                          mean:np.ndarray, # [N, T] E_q[log p] (q = sampling model; q = p for the same-model variant)
                          var:np.ndarray, # [N, T] Var_q[log p]
@@ -163,7 +163,7 @@ def fast_detectgpt(s, o=None): return sampling_discrepancy(s.logp, s.mean_logp, 
                    description="Fast-DetectGPT, reference model q samples, scoring model p scores: (Σlogp − ΣE_q[log p]) / √ΣVar_q[log p]")
 def fast_detectgpt_2m(s, o=None): return sampling_discrepancy(s.logp, s.cross_mean_logp, s.cross_var_logp, s.mask)
 
-# %% ../nbs/30_detect.ipynb #eaff8420
+# %% ../nbs/30_detect.ipynb #f9fe41f9
 @register_detector("binoculars", False, ("logp", "cross_mean_logp"), min_tokens=2,
                    description="Binoculars: log-ppl_p / cross-ppl (−E_q[log p]); p = scoring (performer), q = other (observer)")
 def binoculars(s, o=None): return -masked_mean(s.logp, s.mask) / np.maximum(-masked_mean(s.cross_mean_logp, s.mask), EPS)
@@ -172,7 +172,7 @@ def binoculars(s, o=None): return -masked_mean(s.logp, s.mask) / np.maximum(-mas
                    description="mean log p_scoring − mean log p_other (needs the second model's own TokenStats)")
 def likelihood_ratio(s, o): return masked_mean(s.logp, s.mask) - masked_mean(o.logp, o.mask)
 
-# %% ../nbs/30_detect.ipynb #bfdfcd1e
+# %% ../nbs/30_detect.ipynb #9a8333d1
 def two_model_stats(scoring, # (model, tokenizer): p, whose log-probs are scored (Binoculars "performer")
                     reference, # (model, tokenizer): q, the sampling model / Binoculars "observer"
                     texts:Sequence[str], # the texts
@@ -184,7 +184,7 @@ def two_model_stats(scoring, # (model, tokenizer): p, whose log-probs are scored
     except InputError as e: raise InputError(f"Binoculars / two-model Fast-DetectGPT: {e}") from None
     return token_stats(scoring[0], scoring[1], texts, other=reference, **kwargs)
 
-# %% ../nbs/30_detect.ipynb #4b4d276e
+# %% ../nbs/30_detect.ipynb #1f1dec1f
 def available_detectors(stats:TokenStats, other_stats:TokenStats|None=None)->tuple[list[str], dict[str, str]]:
     "Names of the TokenStats detectors that can run on these stats, and {name: reason} for the others."
     ok, skipped = [], {}
@@ -199,7 +199,7 @@ def score_all(stats:TokenStats, # the scoring model's TokenStats (with cross_* f
               other_stats:TokenStats|None=None, # the second model's own TokenStats (only `likelihood-ratio` reads it)
               detectors:Sequence[str]|None=None, # names (None: every detector these stats support)
               min_tokens:int|None=None, # common minimum of scored tokens (None: the largest min_tokens of the detectors)
-             )->"pandas.DataFrame":
+             ):
     "All detector scores from one TokenStats per model: one row per kept text (index = position in `stats`)."
     import pandas as pd
     if detectors is None: names, skipped = available_detectors(stats, other_stats)
@@ -223,7 +223,7 @@ def score_all(stats:TokenStats, # the scoring model's TokenStats (with cross_* f
                     higher_means_machine={d.name: d.higher_means_machine for d in dets})
     return df
 
-# %% ../nbs/30_detect.ipynb #9a5a46ad
+# %% ../nbs/30_detect.ipynb #771476e2
 def synthetic_stats(n:int=40, # texts (first half machine-like, second half human-like)
                     T:int=24, # tokens per text
                     V:int=2000, # vocabulary size
@@ -258,7 +258,7 @@ def synthetic_stats(n:int=40, # texts (first half machine-like, second half huma
     return TokenStats(ids=ids, mask=mask, **out, hidden=hid, text_hashes=[f"t{i}" for i in range(n)], model_name="synthetic",
                       meta={"vocab_hash": "synthetic"}), y
 
-# %% ../nbs/30_detect.ipynb #cd49ca2f
+# %% ../nbs/30_detect.ipynb #0bff98f5
 def ngram_overlap(ref:Sequence[int], # true continuation (token ids)
                   hyp:Sequence[int], # one regeneration
                   ns:Sequence[int]=(2, 3, 4), # n-gram orders
@@ -351,14 +351,14 @@ def _dna_gpt_placeholder(s, o=None):
 DETECTORS.register("dna-gpt", Detector("dna-gpt", _dna_gpt_placeholder, True, ("logp",), 8, "generations",
                                        "DNA-GPT truncate-and-regenerate n-gram overlap (dna_gpt_scores; k generations per text)"))
 
-# %% ../nbs/30_detect.ipynb #867db36a
-def detector_table()->"pandas.DataFrame":
+# %% ../nbs/30_detect.ipynb #d5ae3eac
+def detector_table():
     "Every registered detector with its direction, requirements, minimum length, cost and formula."
     import pandas as pd
     return pd.DataFrame([{"name": d.name, "higher_means_machine": d.higher_means_machine, "needs": ", ".join(d.needs),
                           "min_tokens": d.min_tokens, "cost": d.cost, "description": d.description} for d in DETECTORS._items.values()])
 
-# %% ../nbs/30_detect.ipynb #3efc5965
+# %% ../nbs/30_detect.ipynb #338454f9
 def char_noise(text:str, # input text
                rate:float=0.05, # fraction of letters edited
                seed:int=0, # rng seed
@@ -402,7 +402,7 @@ def local_shuffle(text:str, # input text
 
 ATTACKS = {"char_noise": char_noise, "word_swap": word_swap, "local_shuffle": local_shuffle}
 
-# %% ../nbs/30_detect.ipynb #153e2d8d
+# %% ../nbs/30_detect.ipynb #32d39ec6
 class count_forward_passes:
     "Context manager counting forward calls of each model: `with count_forward_passes(a=m1, b=m2) as c: ...; c['a']`."
     def __init__(self, **models): self.models, self.counts, self._h = models, {k: 0 for k in models}, []
@@ -450,7 +450,7 @@ def bench_detectors(lm, # (model, tokenizer) of the scoring model
             "speedup": t_per / max(t_one, 1e-9), "pass_ratio": sum(c2.values()) / max(sum(c1.values()), 1),
             "max_rel_diff": diff}
 
-# %% ../nbs/30_detect.ipynb #18d34984
+# %% ../nbs/30_detect.ipynb #0a401934
 N_PAWN_FEATURES = 9
 
 def pawn_features(stats:TokenStats)->np.ndarray:
@@ -478,7 +478,7 @@ class PAWNConfig:
         if self.attention not in ("softmax", "sigmoid"): raise ConfigError(f"PAWN attention must be 'softmax' or 'sigmoid', got {self.attention!r}")
         if self.d_hidden < 1 or self.d_model < 1 or self.d_pos % 2: raise ConfigError("PAWN needs d_hidden >= 1, d_model >= 1 and an even d_pos")
 
-# %% ../nbs/30_detect.ipynb #97df3411
+# %% ../nbs/30_detect.ipynb #25f93031
 def _pawn_module():
     import torch
     from torch import nn
@@ -522,7 +522,7 @@ def _pawn_module():
             return (logit, w) if return_weights else logit
     return PAWN
 
-# %% ../nbs/30_detect.ipynb #78548190
+# %% ../nbs/30_detect.ipynb #48d125cd
 class _AdamW:
     "Minimal AdamW (decoupled weight decay); avoids torch.optim's multi-second torch._dynamo import for a tiny head."
     def __init__(self, params, lr=3e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):

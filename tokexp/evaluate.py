@@ -6,7 +6,7 @@
 __all__ = ['UNBALANCED', 'clopper_pearson', 'bootstrap_auroc', 'calibration_split', 'threshold_at_fpr', 'evaluate_scores',
            'roc_points', 'plot_roc', 'leaderboard']
 
-# %% ../nbs/33_evaluate.ipynb #d2e6aa73
+# %% ../nbs/33_evaluate.ipynb #95ab264e
 import math
 from typing import Any, Iterable, Sequence
 
@@ -14,7 +14,7 @@ import numpy as np
 
 from .core import InputError
 
-# %% ../nbs/33_evaluate.ipynb #b7ee20aa
+# %% ../nbs/33_evaluate.ipynb #8809d659
 def _check_inputs(scores, labels, what:str="scores")->tuple[np.ndarray, np.ndarray]:
     "Validated float scores and 0/1 int labels (raises InputError)."
     s = np.asarray(scores, dtype=float).ravel() if not np.isscalar(scores) else np.asarray([scores], float)
@@ -36,7 +36,7 @@ def _check_inputs(scores, labels, what:str="scores")->tuple[np.ndarray, np.ndarr
                          f"{'negatives' if n_pos else 'positives'}): AUROC and FPR/TPR need both classes")
     return s, yi
 
-# %% ../nbs/33_evaluate.ipynb #afe3e8ad
+# %% ../nbs/33_evaluate.ipynb #a00ba174
 def clopper_pearson(k:int, # successes
                     n:int, # trials (> 0)
                     level:float=0.95, # confidence level
@@ -73,7 +73,7 @@ def bootstrap_auroc(scores:np.ndarray, # oriented scores (higher = positive)
     a = (1 - level) / 2
     return float(np.quantile(out, a)), float(np.quantile(out, 1 - a)), out
 
-# %% ../nbs/33_evaluate.ipynb #0cffab33
+# %% ../nbs/33_evaluate.ipynb #ea7deaea
 def calibration_split(labels:np.ndarray, # 0/1 labels
                       calib_frac:float=0.5, # fraction of each stratum used for calibration
                       seed:int=0, # permutation seed
@@ -99,7 +99,7 @@ def threshold_at_fpr(neg_scores:np.ndarray, # oriented scores of the calibration
     k = int(math.floor(target * len(s) + 1e-9))
     return float(s[min(k, len(s) - 1)])
 
-# %% ../nbs/33_evaluate.ipynb #4d5fd155
+# %% ../nbs/33_evaluate.ipynb #89b48501
 UNBALANCED = 0.1  # a class below this fraction of the examples is reported as heavily unbalanced
 
 def _orient(s, higher_means_positive): return s if higher_means_positive else -s
@@ -177,7 +177,7 @@ def evaluate_scores(scores, # [N] detector scores (finite)
             except InputError as e: res["groups"][name] = {"error": str(e), "n": int(m.sum()), "n_pos": int(y[m].sum()), "n_neg": int((1 - y[m]).sum())}
     return res
 
-# %% ../nbs/33_evaluate.ipynb #38bfa32c
+# %% ../nbs/33_evaluate.ipynb #572e49b1
 def roc_points(scores, # [N] scores
                labels, # [N] 0/1
                higher_means_positive:bool=True, # score direction
@@ -225,13 +225,13 @@ def plot_roc(results_or_curves, # evaluate_scores result, {name: result}, or {na
     if any(_curves(results_or_curves)): ax.legend(fontsize=7, loc="lower right")
     return ax
 
-# %% ../nbs/33_evaluate.ipynb #13536e54
+# %% ../nbs/33_evaluate.ipynb #aec0ffb7
 def _fmt_ci(v, ci, d=3): return f"{v:.{d}f} [{ci[0]:.{d}f}, {ci[1]:.{d}f}]"
 
 def leaderboard(rows:Iterable[dict], # {"method", "setting", "result": evaluate_scores output, ...extra columns}
                 sort:bool=True, # sort by setting, then AUROC (descending)
                 fpr_targets:Sequence[float]|None=None, # columns for these targets (default: those in the results)
-               )->"pandas.DataFrame":
+               ):
     "One row per (method, setting): AUROC, its CI, TPR@FPR with CIs, n_pos, n_neg (no NaN cells)."
     import pandas as pd
     out = []
