@@ -15,7 +15,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     texts = multilingual_sample(int(a.mb * 1e6))
     df = benchmark(a.names, texts, repeats=a.repeats)
-    print(df[["name", "format", "MB", "tokens", "adapter_tok_per_s", "raw_tok_per_s", "overhead"]].to_string(index=False,
+    print(df[["name", "format", "MB", "tokens", "adapter_tok_per_s", "raw_tok_per_s", "overhead", "cpu_overhead"]].to_string(index=False,
           float_format=lambda x: f"{x:,.3f}" if x < 100 else f"{x:,.0f}"))
     return 0
 
