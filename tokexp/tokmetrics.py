@@ -13,7 +13,7 @@ __all__ = ['UNSEGMENTED_SCRIPTS', 'metrics', 'POOLED', 'script_codes', 'scripts_
            'vocab_audit', 'vocab_summary', 'vocab_jaccard', 'roundtrip_audit', 'digit_groups', 'chunk_pattern',
            'digit_profile', 'digit_policy', 'evaluate_tokenizers', 'benchmark_suite']
 
-# %% ../nbs/10_tokmetrics.ipynb #5b20d9e9
+# %% ../nbs/10_tokmetrics.ipynb #5c1d600b
 import functools, itertools, math, re, time, warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -24,7 +24,7 @@ import pandas as pd
 from .core import Registry, ConfigError, InputError
 from .tokenizers import Tokenizer, load_tokenizer, TOKEN_BYTE, TOKEN_UNKNOWN, GGUFTokenizer
 
-# %% ../nbs/10_tokmetrics.ipynb #e8d9db83
+# %% ../nbs/10_tokmetrics.ipynb #363e7030
 @functools.lru_cache(None)
 def _script_table():
     from fontTools.unicodedata import Scripts
@@ -67,7 +67,7 @@ def utf8_len(cps:np.ndarray)->np.ndarray:
     cps = np.asarray(cps)
     return 1 + (cps >= 0x80).astype(np.int64) + (cps >= 0x800) + (cps >= 0x10000)
 
-# %% ../nbs/10_tokmetrics.ipynb #87cc4efc
+# %% ../nbs/10_tokmetrics.ipynb #2791b5e5
 UNSEGMENTED_SCRIPTS = ("Hani", "Hira", "Kana", "Bopo", "Thai", "Laoo", "Khmr", "Mymr", "Tibt", "Yiii", "Lana", "Tale",
                        "Talu", "Tavt", "Java", "Bali")
 
@@ -96,7 +96,7 @@ def count_words(text:str)->int:
     "Number of words in `text` under our word definition."
     return len(word_spans(codepoints(text))[0])
 
-# %% ../nbs/10_tokmetrics.ipynb #45cafe27
+# %% ../nbs/10_tokmetrics.ipynb #59d1e044
 class Corpus:
     "Texts with group and unit labels, plus tokenizer-independent statistics (computed once)."
     def __init__(self, texts:Sequence[str], # the texts
@@ -119,10 +119,7 @@ class Corpus:
             self.warnings.append(f"{len(texts) - len(keep)} empty text(s) dropped (groups: {dict(dropped)})")
         self.texts = [texts[i] for i in keep]
         names = list(dict.fromkeys([groups[i] for i in keep]))
-        for g in (expected_groups or []):
-            if str(g) not in names and f"group {g!r} has no text" not in " ".join(self.warnings):
-                self.warnings.append(f"group {g!r} has no text: skipped")
-        for g in dict.fromkeys(groups):
+        for g in dict.fromkeys([*map(str, expected_groups or []), *groups]):
             if g not in names: self.warnings.append(f"group {g!r} has no text: skipped")
         self.group_names = names
         code = {g: i for i, g in enumerate(names)}
@@ -166,7 +163,7 @@ class Corpus:
         return Corpus([self.texts[i] for i in ix], [self.group_names[self.group[i]] for i in ix], [self.unit[i] for i in ix],
                       name=self.name, expected_groups=groups)
 
-# %% ../nbs/10_tokmetrics.ipynb #4413f7e2
+# %% ../nbs/10_tokmetrics.ipynb #0b5e2a34
 def udhr_corpus(keys:Iterable[str]|str|None=None, # UDHR declaration keys ("eng", "mya", ...); default all
                 articles:Iterable[int]|None=None, # article numbers to keep (1-30 are the aligned ones); default all
                 min_stage:int|None=None, # keep languages with at least this quality stage
@@ -185,7 +182,7 @@ def udhr_corpus(keys:Iterable[str]|str|None=None, # UDHR declaration keys ("eng"
     units = df.article.tolist() if by == "article" else [f"{a}.{p}" for a, p in zip(df.article, df.para)]
     return Corpus(df.text.tolist(), df.key.tolist(), units, name="udhr", expected_groups=ks)
 
-# %% ../nbs/10_tokmetrics.ipynb #2ef832ac
+# %% ../nbs/10_tokmetrics.ipynb #875ffc8d
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 @dataclass
@@ -246,7 +243,7 @@ def token_table(tok:Tokenizer)->TokenTable:
     _TT_OBJ.pop(key, None)
     return tt
 
-# %% ../nbs/10_tokmetrics.ipynb #ece9523d
+# %% ../nbs/10_tokmetrics.ipynb #e4809997
 @dataclass
 class Encoded:
     "The tokenization of a corpus: flat ids + tokens per text (one `encode_batch` call)."
@@ -276,7 +273,7 @@ def encode_corpus(tok:Tokenizer|str, # a tokenizer or zoo name
     ids = np.fromiter(itertools.chain.from_iterable(out), dtype=np.int64, count=int(lens.sum()))
     return Encoded(tok.name, ids, lens, dt, tt)
 
-# %% ../nbs/10_tokmetrics.ipynb #edfe5cf0
+# %% ../nbs/10_tokmetrics.ipynb #305d7460
 class CorpusStats:
     "Per-group aggregates of one encoded corpus, shared by all metrics (token-level work is done once, in `_base`)."
     def __init__(self, corpus:Corpus, enc:Encoded, pooled:bool=False, base:"CorpusStats|None"=None):
@@ -462,7 +459,7 @@ class RenyiEfficiency(Metric):
         p = c / np.where(N[g] > 0, N[g], 1)
         a = self.alpha
         if a == 1: H = -np.bincount(g, weights=p * np.log(p), minlength=G)
-        elif np.isinf(a): H = -np.log(np.maximum(np.bincount(g, weights=(p == 0), minlength=G) * 0, 0) + _group_max(g, p, G))
+        elif np.isinf(a): H = -np.log(_group_max(g, p, G))
         else: H = np.log(np.bincount(g, weights=p ** a, minlength=G)) / (1 - a)
         n_types = np.bincount(g, minlength=G)
         logV = np.log(n_types) if self.vocab == "observed" else np.full(G, np.log(s.tt.vocab_size))
@@ -506,7 +503,7 @@ def default_metrics(alphas:Sequence[float]=(1.0, 2.5), # Rényi orders to report
         if observed_variant: out.append(RenyiEfficiency(a, "observed"))
     return out + [ZipfFit("s"), ZipfFit("r2")]
 
-# %% ../nbs/10_tokmetrics.ipynb #4ed714ce
+# %% ../nbs/10_tokmetrics.ipynb #b6748071
 POOLED = "__all__"
 
 @dataclass
@@ -556,7 +553,7 @@ def corpus_metrics(tok:Tokenizer|str, # a tokenizer or zoo name
                              "words": corpus.n_words})
     return MetricResult(tok.name, table, per_text, warn, enc.seconds, time.perf_counter() - t0)
 
-# %% ../nbs/10_tokmetrics.ipynb #47449f9c
+# %% ../nbs/10_tokmetrics.ipynb #272db774
 def train_bpe(texts:Sequence[str], # training texts
               vocab_size:int=300, # total vocabulary size (256 bytes + merges + specials)
               special_tokens:Sequence[str]=("<unk>",), # added special tokens
@@ -573,7 +570,7 @@ def train_bpe(texts:Sequence[str], # training texts
     t.train_from_iterator(list(texts), trainer=tr)
     return HFTokenizer(t, name=name, family="trained")
 
-# %% ../nbs/10_tokmetrics.ipynb #9acf9b5a
+# %% ../nbs/10_tokmetrics.ipynb #a489207a
 def gini(x:Sequence[float])->float:
     "Gini coefficient of non-negative values (0 = all equal)."
     x = np.sort(np.asarray(x, dtype=np.float64))
@@ -623,7 +620,7 @@ def fairness_summary(par:pd.DataFrame, # output of `parity`
                      "max_group": d.group.iloc[int(np.argmax(d.premium.to_numpy()))], "n_groups": len(d)})
     return pd.DataFrame(rows)
 
-# %% ../nbs/10_tokmetrics.ipynb #6b9ef20a
+# %% ../nbs/10_tokmetrics.ipynb #9ccdad56
 def vocab_audit(tok:Tokenizer|str, # a tokenizer or zoo name
                )->pd.DataFrame:
     "One row per token id: bytes, category, word position, content class and script."
@@ -740,7 +737,7 @@ def roundtrip_audit(tok:Tokenizer|str, # a tokenizer or zoo name
             if e[:len(pre)] == pre and e[len(pre):] == [ids[k]]: status[k] = "ok_in_context"
     return pd.DataFrame({"id": ids, "status": status})
 
-# %% ../nbs/10_tokmetrics.ipynb #ece7fcc6
+# %% ../nbs/10_tokmetrics.ipynb #a62388bc
 def digit_groups(tok:Tokenizer, ids:Sequence[int])->list[int]:
     "Digit count of each token in `ids` (tokens without digits dropped)."
     tb = tok.all_token_bytes()
@@ -753,6 +750,7 @@ def digit_groups(tok:Tokenizer, ids:Sequence[int])->list[int]:
 def chunk_pattern(groups:Sequence[int])->str:
     "Classify digit groups: single, whole, L2R, R2L or irregular."
     g = list(groups)
+    if len(g) == 0: return "none"
     if len(g) == 1: return "whole"
     if all(x == 1 for x in g): return "single"
     k = max(g)
@@ -779,7 +777,7 @@ def digit_profile(tok:Tokenizer|str, # a tokenizer or zoo name
         shapes = [tuple(g) for g in groups]
         modal = max(set(shapes), key=shapes.count)
         row = {"tokenizer": tok.name, "digits": n, "tokens_mean": float(np.mean([len(e) for e in enc])),
-               "digit_tokens_mean": float(np.mean([len(g) for g in groups])), "max_digits_per_token": max(max(g) for g in groups),
+               "digit_tokens_mean": float(np.mean([len(g) for g in groups])), "max_digits_per_token": max(max(g, default=0) for g in groups),
                "pattern": max(set(pats), key=pats.count), "modal_split": "|".join(map(str, modal)),
                "consistency": shapes.count(modal) / len(shapes)}
         if separators:
@@ -798,7 +796,7 @@ def digit_policy(profile:pd.DataFrame, # output of `digit_profile`
     if top.startswith(("L2R", "R2L")) and pats.iloc[0] >= 0.8 * len(p): return top
     return "learned (irregular)"
 
-# %% ../nbs/10_tokmetrics.ipynb #db53d168
+# %% ../nbs/10_tokmetrics.ipynb #9208483d
 def evaluate_tokenizers(names:Iterable[Tokenizer|str], # tokenizers or zoo names
                         corpus:Corpus, # the texts
                         metric_list:Sequence[Metric]|None=None, # default: `default_metrics()`
@@ -820,7 +818,7 @@ def evaluate_tokenizers(names:Iterable[Tokenizer|str], # tokenizers or zoo names
             "per_text": pd.concat(per, ignore_index=True) if per else pd.DataFrame(),
             "timing": pd.DataFrame(tim), "warnings": warn}
 
-# %% ../nbs/10_tokmetrics.ipynb #201a62cc
+# %% ../nbs/10_tokmetrics.ipynb #c8536352
 def benchmark_suite(tok:Tokenizer|str, # tokenizer or zoo name
                     corpus:Corpus, # the texts
                     repeats:int=3, # timing runs; the best is kept
