@@ -321,3 +321,15 @@ def test_cli():
     with redirect_stdout(buf): rc = T.cli(["encode", "cl100k_base", "Hello world"])
     assert rc == 0 and buf.getvalue().splitlines()[0] == "9906 1917"
     assert T.cli(["info", "llama3"]) == 2
+
+
+def test_zoo_template_small(tmp_path):
+    """The experiment template runs end to end with small parameters and writes its metrics and plots."""
+    import papermill as pm
+    nb = Path(__file__).resolve().parent.parent / "nbs" / "experiments" / "tokenizer_zoo.ipynb"
+    pm.execute_notebook(str(nb), str(tmp_path / "out.ipynb"), kernel_name="python3", progress_bar=False,
+                        parameters=dict(output_dir=str(tmp_path), tokenizers=["gpt2", "llama-2", "bert-bge"],
+                                        paras_per_language=1, bench_names=["cl100k_base"], bench_bytes=20000, bench_repeats=1))
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["n_tokenizers"] == 3 and m["lossless_all_roundtrip"] and m["n_gguf_exact"] == 2
+    assert (tmp_path / "zoo.png").is_file() and (tmp_path / "benchmark.png").is_file()
