@@ -8,7 +8,7 @@ __all__ = ['encoder_pruners', 'weighted_pagerank', 'topk_keep', 'maxmin_greedy',
            'minilm_dir', 'load_minilm', 'EncodeResult', 'PrunedEncoder', 'cosine_fidelity', 'retrieval_agreement',
            'prune_sweep']
 
-# %% ../../nbs/42_prune.encoder.ipynb #8d54cbca
+# %% ../../nbs/42_prune.encoder.ipynb #e4e2cb9b
 import contextlib, math, time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..core import Registry, ConfigError, InputError, AssetMissingError, load_settings
 
-# %% ../../nbs/42_prune.encoder.ipynb #d4a0d381
+# %% ../../nbs/42_prune.encoder.ipynb #0175741a
 def weighted_pagerank(attn:torch.Tensor, # attention probabilities [..., n, n], rows (queries) summing to 1
                       iters:int=50, # maximum number of power iterations
                       damping:float=1.0, # probability of following an attention edge (1.0 = Zero-TPrune's WPR)
@@ -41,7 +41,7 @@ def weighted_pagerank(attn:torch.Tensor, # attention probabilities [..., n, n], 
         if done: break
     return s
 
-# %% ../../nbs/42_prune.encoder.ipynb #5c0ac1ad
+# %% ../../nbs/42_prune.encoder.ipynb #2374349a
 def topk_keep(score:torch.Tensor, # [n] higher = keep
               k:int, # how many tokens to keep in total (protected ones included)
               protected:torch.Tensor|None=None, # [n] bool, tokens always kept
@@ -55,7 +55,7 @@ def topk_keep(score:torch.Tensor, # [n] higher = keep
     k = min(max(k, 0), n)
     return torch.topk(s, k, sorted=False).indices.sort().values
 
-# %% ../../nbs/42_prune.encoder.ipynb #c138a254
+# %% ../../nbs/42_prune.encoder.ipynb #2668be76
 def maxmin_greedy(features:torch.Tensor, # [n, d] token features
                   k:int, # number of tokens to select (seed tokens included)
                   seed:Sequence[int]|torch.Tensor=(), # indices that are selected first (e.g. [CLS], [SEP])
@@ -79,7 +79,7 @@ def maxmin_greedy(features:torch.Tensor, # [n, d] token features
         mind = torch.minimum(mind, dist[j]); mind[j] = -1.0
     return torch.tensor(chosen, dtype=torch.long)
 
-# %% ../../nbs/42_prune.encoder.ipynb #6706ace6
+# %% ../../nbs/42_prune.encoder.ipynb #02c57338
 def bipartite_merge(x:torch.Tensor, # [n, d] token states to merge
                     metric:torch.Tensor, # [n, m] features whose cosine similarity decides the matching (e.g. keys)
                     sizes:torch.Tensor, # [n] how many original tokens each state stands for
@@ -107,7 +107,7 @@ def bipartite_merge(x:torch.Tensor, # [n, d] token states to merge
     new_sizes = sizes.index_add(0, dst, sizes[src])[keep]
     return (num/den[:, None])[keep], new_sizes, slot, keep
 
-# %% ../../nbs/42_prune.encoder.ipynb #71a7d3e5
+# %% ../../nbs/42_prune.encoder.ipynb #754c576a
 @dataclass
 class LayerState:
     "One sequence at one pruning point: what a pruner may look at."
@@ -136,7 +136,7 @@ class Reduction:
     index: torch.Tensor # [n'] the old token standing in each new slot (for merges: the merge destination)
     note: str = "" # why nothing happened, if nothing did
 
-# %% ../../nbs/42_prune.encoder.ipynb #5b2f080e
+# %% ../../nbs/42_prune.encoder.ipynb #4ad576a1
 @dataclass
 class EncoderPruner:
     "Base class: keep a ratio (float in (0, 1]) or a count (int ≥ 1) of the tokens entering a pruning point."
@@ -192,7 +192,7 @@ class EncoderPruner:
 
 encoder_pruners = Registry("encoder pruner", EncoderPruner)
 
-# %% ../../nbs/42_prune.encoder.ipynb #95c99556
+# %% ../../nbs/42_prune.encoder.ipynb #6cf7138c
 @encoder_pruners.register()
 @dataclass
 class KeepFirst(EncoderPruner):
@@ -224,7 +224,7 @@ class AttentionReceived(EncoderPruner):
         a = state.attn.float().mean(0)
         return topk_keep(a[0] if self.mode == "cls" else a.mean(0), k, state.protected)
 
-# %% ../../nbs/42_prune.encoder.ipynb #b2e577a7
+# %% ../../nbs/42_prune.encoder.ipynb #e98a2103
 @encoder_pruners.register()
 @dataclass
 class ZeroTPrune(EncoderPruner):
@@ -273,7 +273,7 @@ class ZeroTPrune(EncoderPruner):
             keep = keep[topk_keep(imp[keep], k, prot[keep])]
         return keep
 
-# %% ../../nbs/42_prune.encoder.ipynb #5a54e08f
+# %% ../../nbs/42_prune.encoder.ipynb #dec1177c
 @encoder_pruners.register()
 @dataclass
 class DivPrune(EncoderPruner):
@@ -289,7 +289,7 @@ class DivPrune(EncoderPruner):
         feats = state.hidden if self.feature == "hidden" else state.keys
         return maxmin_greedy(feats, k, seed=state.protected.nonzero().squeeze(1)).sort().values
 
-# %% ../../nbs/42_prune.encoder.ipynb #5ef64e18
+# %% ../../nbs/42_prune.encoder.ipynb #ea6c9423
 @encoder_pruners.register()
 @dataclass
 class ToMeMerge(EncoderPruner):
@@ -309,14 +309,15 @@ class ToMeMerge(EncoderPruner):
         met = state.keys if self.metric == "keys" else state.hidden
         slot, index = torch.arange(state.n), torch.arange(state.n)
         while x.shape[0] > k:
-            x2, sizes2, s, surv = bipartite_merge(x, met, sizes, x.shape[0] - k, prot, self.size_weighted)
-            if x2.shape[0] == x.shape[0]: break  # nothing mergeable left (only protected tokens)
-            met, prot, index = met[surv], prot[surv], index[surv]  # a slot keeps its destination token's features
-            x, sizes, slot = x2, sizes2, s[slot]
+            d = x.shape[1]  # merge the matching features along with the states, for the next round
+            xm, sizes2, s, surv = bipartite_merge(torch.cat([x, met.to(x.dtype)], 1), met, sizes, x.shape[0] - k, prot, self.size_weighted)
+            if xm.shape[0] == x.shape[0]: break  # nothing mergeable left (only protected tokens)
+            x, met, prot, index = xm[:, :d], xm[:, d:], prot[surv], index[surv]
+            sizes, slot = sizes2, s[slot]
         note = "" if x.shape[0] <= k else f"{self.name}: merging stops at {x.shape[0]} tokens (budget {k}): one unprotected token is always left"
         return Reduction(x, sizes, slot, prot, index, note)
 
-# %% ../../nbs/42_prune.encoder.ipynb #a37202ca
+# %% ../../nbs/42_prune.encoder.ipynb #1b350214
 def _toy_state(n:int=12, d:int=8, heads:int=2, seed:int=0)->LayerState:
     "A random `LayerState` with [CLS]/[SEP] protected, for examples and tests."
     g = torch.Generator().manual_seed(seed)
@@ -324,7 +325,7 @@ def _toy_state(n:int=12, d:int=8, heads:int=2, seed:int=0)->LayerState:
     prot = torch.zeros(n, dtype=torch.bool); prot[[0, -1]] = True
     return LayerState(torch.randn(n, d, generator=g), attn, torch.randn(n, d, generator=g), protected=prot, layer=2)
 
-# %% ../../nbs/42_prune.encoder.ipynb #f13b6b49
+# %% ../../nbs/42_prune.encoder.ipynb #884622ae
 def minilm_dir(fetch:bool=True, # fetch the asset if it is not in the cache
               )->Path:
     "Folder holding the MiniLM-L6 Hugging Face files (`config.json`, `model.safetensors`, `tokenizer.json`)."
@@ -344,7 +345,7 @@ def minilm_dir(fetch:bool=True, # fetch the asset if it is not in the cache
                                 "(tokexp assets fetch minilm)")
     return path
 
-# %% ../../nbs/42_prune.encoder.ipynb #b2042393
+# %% ../../nbs/42_prune.encoder.ipynb #e46d59b1
 def load_minilm(path:str|Path|None=None, # model folder; default: the cached `minilm` asset
                 attn_implementation:str="eager", # attention implementation; pruners that read attention need "eager"
                 device:str="cpu", # torch device
@@ -358,7 +359,7 @@ def load_minilm(path:str|Path|None=None, # model folder; default: the cached `mi
     tok = AutoTokenizer.from_pretrained(path)
     return model, tok
 
-# %% ../../nbs/42_prune.encoder.ipynb #f078e27a
+# %% ../../nbs/42_prune.encoder.ipynb #aa944956
 @dataclass
 class EncodeResult:
     "Output of `PrunedEncoder.encode`."
@@ -376,7 +377,7 @@ class EncodeResult:
         "Fraction of the original tokens that reach the pooling."
         return float(sum(len(k) for k in self.kept)/self.lengths.sum().clamp_min(1))
 
-# %% ../../nbs/42_prune.encoder.ipynb #ebf22f82
+# %% ../../nbs/42_prune.encoder.ipynb #59b38ea4
 class PrunedEncoder:
     "MiniLM-style sentence encoder that can prune tokens between its layers."
     def __init__(self, model, tokenizer,
@@ -522,7 +523,7 @@ class PrunedEncoder:
         kept = [pos[b, :int(valid[b].sum())].cpu().sort().values for b in range(B)]
         return F.normalize(pooled, dim=-1).cpu(), lengths, kept, amap, flops
 
-# %% ../../nbs/42_prune.encoder.ipynb #52ed2193
+# %% ../../nbs/42_prune.encoder.ipynb #00455aae
 def cosine_fidelity(ref:torch.Tensor, # [B, d] unpruned embeddings
                     emb:torch.Tensor, # [B, d] pruned embeddings of the same texts
                    )->torch.Tensor: # [B] cosine similarities
@@ -544,7 +545,7 @@ def retrieval_agreement(ref_q:torch.Tensor, # [Q, d] unpruned query embeddings
     overlap = torch.tensor([len(set(a.tolist()) & set(b.tolist()))/k for a, b in zip(nr, npr)])
     return {"overlap": overlap, "top1": nr[:, 0] == npr[:, 0]}
 
-# %% ../../nbs/42_prune.encoder.ipynb #fd0abbcf
+# %% ../../nbs/42_prune.encoder.ipynb #387fba72
 def prune_sweep(encoder:PrunedEncoder, # the encoder
                 texts:Sequence[str], # texts to embed
                 methods:dict, # label → callable keep → EncoderPruner (e.g. `lambda k: DivPrune(keep=k)`)
