@@ -10,7 +10,7 @@ __all__ = ['LM_DOMAINS', 'SPLIT_SALT', 'HELDOUT_EVERY', 'LMS', 'DEFAULT_LMS', 'C
            'resolve_device', 'load_lm', 'text_hash', 'TokenStats', 'sliding_windows', 'vocab_hash', 'check_same_vocab',
            'model_context', 'token_stats', 'model_identity', 'cached_token_stats', 'benchmark_token_stats', 'cli']
 
-# %% ../nbs/20_lm.ipynb #fa7f1ffa
+# %% ../nbs/20_lm.ipynb #64dcde1f
 import argparse, contextlib, hashlib, json, math, os, shutil, sys, tempfile, time, warnings
 from dataclasses import dataclass, field, asdict, replace, fields
 from functools import lru_cache
@@ -23,7 +23,7 @@ from .core import (Registry, ConfigError, AssetMissingError, IntegrityError, Inp
                          default_profile, seed_everything, atomic_write, write_json, read_json, stable_hash,
                          sha256_file, environment_info)
 
-# %% ../nbs/20_lm.ipynb #bd6a5a91
+# %% ../nbs/20_lm.ipynb #d0af4f00
 LM_DOMAINS = ("fortunes", "gcide", "wordnet")  # the English domains of the reference LMs
 SPLIT_SALT = "tokexp-lm-split\0"
 HELDOUT_EVERY = 5  # a record is held out when its hash is 4 mod 5: an 80/20 split
@@ -48,7 +48,7 @@ def split_records(records:Iterable[str], # raw records of one domain
         total += len(r)
     return train, held
 
-# %% ../nbs/20_lm.ipynb #a838b06f
+# %% ../nbs/20_lm.ipynb #dc348eb4
 @lru_cache(maxsize=32)
 def _lm_split_cached(domain:str, max_chars:int|None, min_chars:int)->tuple[tuple[str, ...], tuple[str, ...]]:
     from tokexp.assets import read_domain
@@ -63,7 +63,7 @@ def lm_split(domain:str, # an English domain of `tokexp.assets.read_domain` ('fo
     tr, ho = _lm_split_cached(domain, max_chars, min_chars)
     return list(tr), list(ho)
 
-# %% ../nbs/20_lm.ipynb #84510d2c
+# %% ../nbs/20_lm.ipynb #43bbbbf1
 @dataclass(frozen=True)
 class LMSpec:
     "Everything that determines a reference LM's weights."
@@ -102,7 +102,7 @@ class LMSpec:
         d = asdict(self); d.pop("name"); d.pop("description"); d["domains"] = list(self.domains)
         return d
 
-# %% ../nbs/20_lm.ipynb #84203503
+# %% ../nbs/20_lm.ipynb #38b1bff3
 LMS = Registry("reference LM", LMSpec)  # name -> LMSpec
 
 LMS.register("ref-small", LMSpec("ref-small", description="GPT-2 architecture, 2 layers, d=128, ctx 128 (~1M parameters)"))
@@ -111,7 +111,7 @@ LMS.register("ref-llama", LMSpec("ref-llama", arch="llama", n_kv_heads=2, d_ff=3
                                  description="Llama architecture (RoPE, RMSNorm, SwiGLU, GQA 4q/2kv), 2 layers, d=128, same tokenizer"))
 DEFAULT_LMS = ("ref-small", "ref-small-s2", "ref-llama")  # trained by `tokexp lm train` with no names
 
-# %% ../nbs/20_lm.ipynb #559116f2
+# %% ../nbs/20_lm.ipynb #c37075a5
 def hf_config(spec:LMSpec, # the reference LM spec
               bos_id:int=0, eos_id:int=1, pad_id:int=2, # special token ids of the shared tokenizer
              ):
@@ -128,7 +128,7 @@ def hf_config(spec:LMSpec, # the reference LM spec
                        rms_norm_eps=1e-5, attention_dropout=0.0, tie_word_embeddings=True,
                        bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
 
-# %% ../nbs/20_lm.ipynb #24a616b7
+# %% ../nbs/20_lm.ipynb #5f58be4d
 def count_params(spec:LMSpec)->int:
     "Number of (unique) parameters of the model `spec` describes."
     import torch
@@ -136,7 +136,7 @@ def count_params(spec:LMSpec)->int:
     with torch.device("meta"): m = AutoModelForCausalLM.from_config(hf_config(spec))
     return sum(p.numel() for p in m.parameters())
 
-# %% ../nbs/20_lm.ipynb #04751b2f
+# %% ../nbs/20_lm.ipynb #e5dbb9c2
 Corpus = dict  # {domain: (train_texts, heldout_texts)}
 
 def lm_corpus(spec:LMSpec)->Corpus:
@@ -151,7 +151,7 @@ def corpus_sha(corpus:Corpus)->str:
         for t in corpus[d][0]: h.update(t.encode("utf-8")); h.update(b"\x00")
     return h.hexdigest()
 
-# %% ../nbs/20_lm.ipynb #88bf7f97
+# %% ../nbs/20_lm.ipynb #f5be3a32
 SPECIALS = ("<|bos|>", "<|eos|>", "<|pad|>")
 TOKENIZER_VERSION = 1  # bump when the tokenizer recipe changes (changes every cache key)
 
@@ -176,7 +176,7 @@ def train_tokenizer(texts:Sequence[str], # training texts (the train split only)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIALS[0], eos_token=SPECIALS[1],
                                    pad_token=SPECIALS[2], clean_up_tokenization_spaces=False)
 
-# %% ../nbs/20_lm.ipynb #d9120cb0
+# %% ../nbs/20_lm.ipynb #73d998e1
 def pack_documents(docs:Sequence[Sequence[int]], # token ids of each document (no specials)
                    ctx:int, # row length
                    bos_id:int, eos_id:int,
@@ -188,14 +188,14 @@ def pack_documents(docs:Sequence[Sequence[int]], # token ids of each document (n
     n = len(stream) // ctx
     return torch.tensor(stream[:n*ctx], dtype=torch.long).view(n, ctx)
 
-# %% ../nbs/20_lm.ipynb #384258c5
+# %% ../nbs/20_lm.ipynb #b88a7f84
 def lr_at(step:int, spec:LMSpec)->float:
     "Learning rate of `spec` at `step` (0-based): linear warm-up, cosine decay to lr/10."
     if step < spec.warmup: return spec.lr * (step + 1) / spec.warmup
     frac = (step - spec.warmup) / max(1, spec.steps - spec.warmup)
     return spec.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
-# %% ../nbs/20_lm.ipynb #51874312
+# %% ../nbs/20_lm.ipynb #688edc5f
 @contextlib.contextmanager
 def _deterministic(seed:int):
     "Seed everything and enable deterministic algorithms; restore the previous torch setting afterwards."
@@ -219,7 +219,7 @@ def _mean_nll(model, rows, batch_size:int=32)->float:
             n += x[:, 1:].numel()
     return tot / n
 
-# %% ../nbs/20_lm.ipynb #b3611349
+# %% ../nbs/20_lm.ipynb #fb789615
 def fit_lm(spec:LMSpec, # what to train
            tokenizer, # the shared tokenizer (`train_tokenizer`)
            corpus:Corpus, # {domain: (train, heldout)}
@@ -274,7 +274,7 @@ def fit_lm(spec:LMSpec, # what to train
            "torch_threads": torch.get_num_threads()}
     return model, log
 
-# %% ../nbs/20_lm.ipynb #5d3116f4
+# %% ../nbs/20_lm.ipynb #d3640643
 def lm_cache_dir(cache_dir:str|Path|None=None)->Path:
     "`<cache_dir>/lm` (default cache_dir: settings.ini's `cache_dir`)."
     base = Path(cache_dir) if cache_dir else load_settings().path_for("cache_dir", default_profile())
@@ -298,7 +298,7 @@ def lm_path(name_or_spec:str|LMSpec, # registry name or spec
     corpus = lm_corpus(spec) if corpus is None else corpus
     return lm_cache_dir(cache_dir) / f"{spec.name}-{model_key(spec, corpus_sha(corpus))}"
 
-# %% ../nbs/20_lm.ipynb #aeb7dff8
+# %% ../nbs/20_lm.ipynb #839462f8
 @contextlib.contextmanager
 def _quiet_transformers():
     "Silence transformers' weight-loading progress bars inside the block (restores the previous setting)."
@@ -333,7 +333,7 @@ def shared_tokenizer(spec:LMSpec, corpus:Corpus, cache_dir:str|Path|None=None):
         with _atomic_dir(path) as tmp: tok.save_pretrained(tmp)
     return PreTrainedTokenizerFast.from_pretrained(path)
 
-# %% ../nbs/20_lm.ipynb #ebbfb318
+# %% ../nbs/20_lm.ipynb #d7cbf63e
 def train_lm(name_or_spec:str|LMSpec, # registry name or spec
              force:bool=False, # retrain even if cached
              corpus:Corpus|None=None, # override the corpus (tests, small experiments)
@@ -355,7 +355,7 @@ def train_lm(name_or_spec:str|LMSpec, # registry name or spec
         model.save_pretrained(tmp); tok.save_pretrained(tmp); write_json(tmp / "train_log.json", log)
     return path
 
-# %% ../nbs/20_lm.ipynb #e23e0de2
+# %% ../nbs/20_lm.ipynb #8d9f6ab2
 def toy_corpus(n:int=400, # records per domain
                seed:int=0, # which records
               )->Corpus:
@@ -375,7 +375,7 @@ def toy_corpus(n:int=400, # records per domain
 TINY = LMSpec("tiny", d_model=32, n_layers=1, n_heads=2, ctx=32, vocab_size=320, domains=("stories", "glosses"),
               steps=30, batch_size=8, lr=1e-2, warmup=5, eval_tokens=2048, description="1-layer toy model for tests")
 
-# %% ../nbs/20_lm.ipynb #53ad90d9
+# %% ../nbs/20_lm.ipynb #09944842
 def resolve_device(device=None)->"torch.device":
     "`device`, or CUDA when available, else CPU."
     import torch
@@ -396,7 +396,7 @@ def _hub_offline()->bool:
     try: return bool(load_settings().profile(default_profile()).get("offline", False))
     except ConfigError: return False
 
-# %% ../nbs/20_lm.ipynb #3dae1505
+# %% ../nbs/20_lm.ipynb #ccaf775b
 def load_lm(name_or_path:str|Path, # registry name, local folder, or "hf:<hub id>"
             device=None, # torch device (None: cuda if available else cpu)
             dtype=None, # torch dtype or its name (None: float32; bfloat16 for hub models on CUDA)
@@ -447,7 +447,7 @@ def _load(s, dev, dtype, train_if_missing, cache_dir, local_files_only):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_resolve_dtype(dtype, dev, False))
     return model, tok, name
 
-# %% ../nbs/20_lm.ipynb #3a70cd34
+# %% ../nbs/20_lm.ipynb #31a49b35
 STAT_FIELDS = ("logp", "rank", "entropy", "max_logp", "mass_geq", "mean_logp", "var_logp")
 CROSS_FIELDS = ("cross_mean_logp", "cross_var_logp")
 TOKENSTATS_VERSION = 1
@@ -519,7 +519,7 @@ class TokenStats:
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(n > 0, (np.where(self.mask, v, 0)).sum(1) / np.maximum(n, 1), np.nan)
 
-# %% ../nbs/20_lm.ipynb #6bfb4a25
+# %% ../nbs/20_lm.ipynb #0cc4e996
 def sliding_windows(L:int, # sequence length (BOS included)
                     W:int, # window length (the model context or less)
                     stride:int, # distance between window starts, 1 <= stride <= W-1
@@ -534,7 +534,7 @@ def sliding_windows(L:int, # sequence length (BOS included)
         if end >= L: return out
         start = min(start + stride, L - W)
 
-# %% ../nbs/20_lm.ipynb #6e6e8daf
+# %% ../nbs/20_lm.ipynb #0a260739
 def vocab_hash(tokenizer)->str:
     "stable_hash of the tokenizer's token → id dict."
     return stable_hash(sorted(tokenizer.get_vocab().items()))
@@ -549,7 +549,7 @@ def check_same_vocab(tok_a, tok_b, names:tuple[str, str]=("model", "other"))->No
                      f"only in {names[0]}: {only_a}; only in {names[1]}: {only_b}; different ids: {moved}). "
                      "Two-model statistics need models that share one tokenizer, e.g. ref-small with ref-small-s2 or ref-llama.")
 
-# %% ../nbs/20_lm.ipynb #a47f3d51
+# %% ../nbs/20_lm.ipynb #347e0f65
 def model_context(model)->int|None:
     "The maximum number of positions of `model` (None if the config does not say)."
     c = model.config
@@ -573,7 +573,7 @@ def _unpack_other(other):
     if isinstance(other, (tuple, list)) and len(other) == 2: return other[0], other[1]
     raise InputError("other must be a (model, tokenizer) pair, e.g. other=load_lm('ref-small-s2'), so the vocabularies can be compared")
 
-# %% ../nbs/20_lm.ipynb #f9d14b57
+# %% ../nbs/20_lm.ipynb #d2ba04b6
 def token_stats(model, # a causal LM (eval mode is enforced for the call)
                 tokenizer, # its tokenizer
                 texts:Sequence[str], # the texts
@@ -686,7 +686,7 @@ def token_stats(model, # a causal LM (eval mode is enforced for the call)
     return TokenStats(ids=ids, mask=mask, **out, hidden=hid, text_hashes=[text_hash(t) for t in texts],
                       model_name=_model_name(model), other_name=_model_name(omodel) if omodel is not None else None, meta=meta)
 
-# %% ../nbs/20_lm.ipynb #80823c2d
+# %% ../nbs/20_lm.ipynb #37c791f4
 def _stem(path)->Path:
     p = Path(path)
     return p.with_suffix("") if p.suffix in (".npz", ".json") else p
@@ -714,7 +714,7 @@ def _ts_load(cls, path:str|Path)->TokenStats:
 TokenStats.save = _ts_save
 TokenStats.load = classmethod(_ts_load)
 
-# %% ../nbs/20_lm.ipynb #9050d504
+# %% ../nbs/20_lm.ipynb #e15a5cbb
 def model_identity(name_or_path:str|Path, cache_dir:str|Path|None=None)->str:
     "A string that changes whenever the weights behind `name_or_path` may change."
     s = str(name_or_path)
@@ -752,7 +752,7 @@ def cached_token_stats(name_or_path:str|Path, # model: registry name, folder or 
     ts.save(path)
     return ts
 
-# %% ../nbs/20_lm.ipynb #2f1e5e7b
+# %% ../nbs/20_lm.ipynb #e7b7c86d
 def benchmark_token_stats(model, tokenizer, texts:Sequence[str], # model, tokenizer and texts to score
                           batch_size:int=16, # texts per forward pass
                           reps:int=5, # alternating repetitions (median reported)
@@ -798,7 +798,7 @@ def benchmark_token_stats(model, tokenizer, texts:Sequence[str], # model, tokeni
         res["overhead_ratio_two_models"] = med["token_stats_two_models"] / (2 * med["forward"])
     return res
 
-# %% ../nbs/20_lm.ipynb #b2f8de21
+# %% ../nbs/20_lm.ipynb #a2568819
 def cli(argv:Sequence[str]|None=None)->int:
     "`tokexp lm train|list`."
     ap = argparse.ArgumentParser(prog="tokexp lm", description="Reference language models")
