@@ -11,7 +11,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("names", nargs="*", default=["bert-minilm", "llama-3", "cl100k_base", "o200k_base", "mistral-v3"])
     ap.add_argument("--mb", type=float, default=1.0, help="batch size in MB of UTF-8")
-    ap.add_argument("--repeats", type=int, default=5, help="timing runs each (best kept)")
+    ap.add_argument("--repeats", type=int, default=5, help="timing runs each (median kept)")
     a = ap.parse_args(argv)
     texts = multilingual_sample(int(a.mb * 1e6))
     df = benchmark(a.names, texts, repeats=a.repeats)
