@@ -70,3 +70,17 @@ def test_real_tokenizer_runs_on_small_samples():
     res = X.infer_mixture("cl100k_base", s, n_merges=100)
     assert set(res.categories) == {"en", "de", "hin", "code"}
     assert res.alpha.min() >= 0 and res.alpha.sum() == pytest.approx(1)
+
+
+def test_template_runs_small(tmp_path):
+    "The mixture_inference template runs end to end with tiny parameters."
+    import json, papermill
+    from conftest import ROOT
+    out = tmp_path/"out"
+    papermill.execute_notebook(str(ROOT/"nbs"/"experiments"/"mixture_inference.ipynb"), str(tmp_path/"mi.ipynb"),
+                               parameters=dict(output_dir=str(out), langs=["en", "de", "ru"], n_trials=1, train_bytes=200_000,
+                                               n_merges=60, sample_bytes=30_000, real_tokenizers=["gpt2"], real_max_bytes=20_000),
+                               progress_bar=False)
+    m = json.loads((out/"metrics.json").read_text())
+    assert m["controlled"]["mae"] < m["controlled"]["uniform_guess_mae"]
+    assert abs(sum(m["real"]["gpt2"].values()) - 1) < 1e-3

@@ -176,3 +176,24 @@ def test_jaccard():
     J = M.vocab_jaccard(["gpt2", "r50k_base", "gpt-2-gguf", "cl100k_base"])
     assert J.loc["gpt2", "r50k_base"] == 1.0 and J.loc["gpt2", "gpt-2-gguf"] == 1.0
     assert 0.2 < J.loc["gpt2", "cl100k_base"] < 0.9
+
+
+TEMPLATE_PARAMS = {
+    "tokenizer_parity": dict(tokenizers=["gpt2", "cl100k_base"], articles=2, n_boot=100, bench_repeats=1),
+    "vocab_audit": dict(tokenizers=["gpt2", "llama-2", "bert-minilm"], roundtrip_sample=500),
+    "digit_chunking": dict(tokenizers=["cl100k_base", "llama-2"], max_digits=8, n_per_length=10),
+}
+
+
+@pytest.mark.parametrize("name", list(TEMPLATE_PARAMS))
+def test_template_runs_small(name, tmp_path):
+    "Each experiment template runs end to end with tiny parameters and writes a NaN-free metrics.json."
+    import json, papermill
+    from conftest import ROOT
+    out = tmp_path/"out"
+    papermill.execute_notebook(str(ROOT/"nbs"/"experiments"/f"{name}.ipynb"), str(tmp_path/f"{name}.ipynb"),
+                               parameters={**TEMPLATE_PARAMS[name], "output_dir": str(out)}, progress_bar=False)
+    m = json.loads((out/"metrics.json").read_text())
+    assert m and list(out.glob("*.png"))
+    if name == "tokenizer_parity":
+        assert m["anchor_checks"]["cl100k_below_gpt2"] and m["anchor_checks"]["mya_shn_above_hin"]
