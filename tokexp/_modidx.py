@@ -755,6 +755,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'tokexp.tokmetrics._group_max': ('tokmetrics.html#_group_max', 'tokexp/tokmetrics.py'),
                                    'tokexp.tokmetrics._script_table': ('tokmetrics.html#_script_table', 'tokexp/tokmetrics.py'),
                                    'tokexp.tokmetrics._simple': ('tokmetrics.html#_simple', 'tokexp/tokmetrics.py'),
+                                   'tokexp.tokmetrics._token_set': ('tokmetrics.html#_token_set', 'tokexp/tokmetrics.py'),
                                    'tokexp.tokmetrics._token_table_cached': ('tokmetrics.html#_token_table_cached', 'tokexp/tokmetrics.py'),
                                    'tokexp.tokmetrics._type_counts': ('tokmetrics.html#_type_counts', 'tokexp/tokmetrics.py'),
                                    'tokexp.tokmetrics._valid_utf8': ('tokmetrics.html#_valid_utf8', 'tokexp/tokmetrics.py'),

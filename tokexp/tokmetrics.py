@@ -13,7 +13,7 @@ __all__ = ['UNSEGMENTED_SCRIPTS', 'metrics', 'POOLED', 'script_codes', 'scripts_
            'vocab_audit', 'vocab_summary', 'vocab_jaccard', 'roundtrip_audit', 'digit_groups', 'chunk_pattern',
            'digit_profile', 'digit_policy', 'evaluate_tokenizers', 'benchmark_suite']
 
-# %% ../nbs/10_tokmetrics.ipynb #5c1d600b
+# %% ../nbs/10_tokmetrics.ipynb #dcb855b0
 import functools, itertools, math, re, time, warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -24,7 +24,7 @@ import pandas as pd
 from .core import Registry, ConfigError, InputError
 from .tokenizers import Tokenizer, load_tokenizer, TOKEN_BYTE, TOKEN_UNKNOWN, GGUFTokenizer
 
-# %% ../nbs/10_tokmetrics.ipynb #363e7030
+# %% ../nbs/10_tokmetrics.ipynb #12caacff
 @functools.lru_cache(None)
 def _script_table():
     from fontTools.unicodedata import Scripts
@@ -67,7 +67,7 @@ def utf8_len(cps:np.ndarray)->np.ndarray:
     cps = np.asarray(cps)
     return 1 + (cps >= 0x80).astype(np.int64) + (cps >= 0x800) + (cps >= 0x10000)
 
-# %% ../nbs/10_tokmetrics.ipynb #2791b5e5
+# %% ../nbs/10_tokmetrics.ipynb #b347bdeb
 UNSEGMENTED_SCRIPTS = ("Hani", "Hira", "Kana", "Bopo", "Thai", "Laoo", "Khmr", "Mymr", "Tibt", "Yiii", "Lana", "Tale",
                        "Talu", "Tavt", "Java", "Bali")
 
@@ -96,7 +96,7 @@ def count_words(text:str)->int:
     "Number of words in `text` under our word definition."
     return len(word_spans(codepoints(text))[0])
 
-# %% ../nbs/10_tokmetrics.ipynb #59d1e044
+# %% ../nbs/10_tokmetrics.ipynb #b2ebbf23
 class Corpus:
     "Texts with group and unit labels, plus tokenizer-independent statistics (computed once)."
     def __init__(self, texts:Sequence[str], # the texts
@@ -163,7 +163,7 @@ class Corpus:
         return Corpus([self.texts[i] for i in ix], [self.group_names[self.group[i]] for i in ix], [self.unit[i] for i in ix],
                       name=self.name, expected_groups=groups)
 
-# %% ../nbs/10_tokmetrics.ipynb #0b5e2a34
+# %% ../nbs/10_tokmetrics.ipynb #becbce94
 def udhr_corpus(keys:Iterable[str]|str|None=None, # UDHR declaration keys ("eng", "mya", ...); default all
                 articles:Iterable[int]|None=None, # article numbers to keep (1-30 are the aligned ones); default all
                 min_stage:int|None=None, # keep languages with at least this quality stage
@@ -182,7 +182,7 @@ def udhr_corpus(keys:Iterable[str]|str|None=None, # UDHR declaration keys ("eng"
     units = df.article.tolist() if by == "article" else [f"{a}.{p}" for a, p in zip(df.article, df.para)]
     return Corpus(df.text.tolist(), df.key.tolist(), units, name="udhr", expected_groups=ks)
 
-# %% ../nbs/10_tokmetrics.ipynb #875ffc8d
+# %% ../nbs/10_tokmetrics.ipynb #12209be1
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 @dataclass
@@ -243,7 +243,7 @@ def token_table(tok:Tokenizer)->TokenTable:
     _TT_OBJ.pop(key, None)
     return tt
 
-# %% ../nbs/10_tokmetrics.ipynb #e4809997
+# %% ../nbs/10_tokmetrics.ipynb #7e934f2e
 @dataclass
 class Encoded:
     "The tokenization of a corpus: flat ids + tokens per text (one `encode_batch` call)."
@@ -273,7 +273,7 @@ def encode_corpus(tok:Tokenizer|str, # a tokenizer or zoo name
     ids = np.fromiter(itertools.chain.from_iterable(out), dtype=np.int64, count=int(lens.sum()))
     return Encoded(tok.name, ids, lens, dt, tt)
 
-# %% ../nbs/10_tokmetrics.ipynb #305d7460
+# %% ../nbs/10_tokmetrics.ipynb #83888d0f
 class CorpusStats:
     "Per-group aggregates of one encoded corpus, shared by all metrics (token-level work is done once, in `_base`)."
     def __init__(self, corpus:Corpus, enc:Encoded, pooled:bool=False, base:"CorpusStats|None"=None):
@@ -503,7 +503,7 @@ def default_metrics(alphas:Sequence[float]=(1.0, 2.5), # Rényi orders to report
         if observed_variant: out.append(RenyiEfficiency(a, "observed"))
     return out + [ZipfFit("s"), ZipfFit("r2")]
 
-# %% ../nbs/10_tokmetrics.ipynb #b6748071
+# %% ../nbs/10_tokmetrics.ipynb #5205a6b1
 POOLED = "__all__"
 
 @dataclass
@@ -553,7 +553,7 @@ def corpus_metrics(tok:Tokenizer|str, # a tokenizer or zoo name
                              "words": corpus.n_words})
     return MetricResult(tok.name, table, per_text, warn, enc.seconds, time.perf_counter() - t0)
 
-# %% ../nbs/10_tokmetrics.ipynb #272db774
+# %% ../nbs/10_tokmetrics.ipynb #0fb342c0
 def train_bpe(texts:Sequence[str], # training texts
               vocab_size:int=300, # total vocabulary size (256 bytes + merges + specials)
               special_tokens:Sequence[str]=("<unk>",), # added special tokens
@@ -570,7 +570,7 @@ def train_bpe(texts:Sequence[str], # training texts
     t.train_from_iterator(list(texts), trainer=tr)
     return HFTokenizer(t, name=name, family="trained")
 
-# %% ../nbs/10_tokmetrics.ipynb #a489207a
+# %% ../nbs/10_tokmetrics.ipynb #412f41af
 def gini(x:Sequence[float])->float:
     "Gini coefficient of non-negative values (0 = all equal)."
     x = np.sort(np.asarray(x, dtype=np.float64))
@@ -620,7 +620,7 @@ def fairness_summary(par:pd.DataFrame, # output of `parity`
                      "max_group": d.group.iloc[int(np.argmax(d.premium.to_numpy()))], "n_groups": len(d)})
     return pd.DataFrame(rows)
 
-# %% ../nbs/10_tokmetrics.ipynb #9ccdad56
+# %% ../nbs/10_tokmetrics.ipynb #b0cf41b1
 def vocab_audit(tok:Tokenizer|str, # a tokenizer or zoo name
                )->pd.DataFrame:
     "One row per token id: bytes, category, word position, content class and script."
@@ -672,26 +672,32 @@ def vocab_summary(audit:pd.DataFrame, # output of `vocab_audit`
     "Share of the vocabulary in each detailed category."
     return audit.category_detail.value_counts(normalize=True)
 
+def _token_set(t:Tokenizer, strip_space:bool)->np.ndarray:
+    "Sorted unique 64-bit hashes of a tokenizer's token byte strings (specials and empty tokens excluded)."
+    tt = token_table(t)
+    tb = t.all_token_bytes()
+    wp = getattr(t, "piece_mode", "") == "wordpiece"  # word-initial WordPiece tokens correspond to " x" elsewhere
+    out = set()
+    for i, b in enumerate(tb):
+        if not b or tt.special[i]: continue
+        if wp and tt.spaced[i]: b = b" " + b
+        if strip_space and b[:1] == b" " and len(b) > 1: b = b[1:]
+        out.add(hash(b))
+    return np.fromiter(out, dtype=np.int64, count=len(out))
+
 def vocab_jaccard(toks:Sequence[Tokenizer|str], # tokenizers or zoo names
                   strip_space:bool=False, # compare tokens with one leading space removed (ignores word-position marking)
                  )->pd.DataFrame:
-    "Jaccard overlap of the sets of token byte strings (specials and empty tokens excluded)."
-    sets, names = [], []
-    for t in toks:
-        t = load_tokenizer(t)
-        tt = token_table(t)
-        tb = t.all_token_bytes()
-        s = {b for i, b in enumerate(tb) if b and not tt.special[i]}
-        if getattr(t, "piece_mode", "") == "wordpiece":  # word-initial WordPiece tokens correspond to " x" elsewhere
-            s = {(b" " + b) if tt.spaced[i] and not strip_space else b for i, b in enumerate(tb) if b and not tt.special[i]}
-        if strip_space: s = {b[1:] if b[:1] == b" " and len(b) > 1 else b for b in s}
-        sets.append(s); names.append(t.name)
+    "Jaccard overlap of the sets of token byte strings (specials and empty tokens excluded; 64-bit hashes, sorted intersection)."
+    toks = [load_tokenizer(t) for t in toks]
+    sets = [np.sort(_token_set(t, strip_space)) for t in toks]
     n = len(sets)
     M = np.eye(n)
     for i in range(n):
         for j in range(i + 1, n):
-            inter = len(sets[i] & sets[j])
-            M[i, j] = M[j, i] = inter / max(1, len(sets[i] | sets[j]))
+            inter = len(np.intersect1d(sets[i], sets[j], assume_unique=True))
+            M[i, j] = M[j, i] = inter / max(1, len(sets[i]) + len(sets[j]) - inter)
+    names = [t.name for t in toks]
     return pd.DataFrame(M, index=names, columns=names)
 
 def roundtrip_audit(tok:Tokenizer|str, # a tokenizer or zoo name
@@ -737,7 +743,7 @@ def roundtrip_audit(tok:Tokenizer|str, # a tokenizer or zoo name
             if e[:len(pre)] == pre and e[len(pre):] == [ids[k]]: status[k] = "ok_in_context"
     return pd.DataFrame({"id": ids, "status": status})
 
-# %% ../nbs/10_tokmetrics.ipynb #a62388bc
+# %% ../nbs/10_tokmetrics.ipynb #f84c37cc
 def digit_groups(tok:Tokenizer, ids:Sequence[int])->list[int]:
     "Digit count of each token in `ids` (tokens without digits dropped)."
     tb = tok.all_token_bytes()
@@ -796,7 +802,7 @@ def digit_policy(profile:pd.DataFrame, # output of `digit_profile`
     if top.startswith(("L2R", "R2L")) and pats.iloc[0] >= 0.8 * len(p): return top
     return "learned (irregular)"
 
-# %% ../nbs/10_tokmetrics.ipynb #9208483d
+# %% ../nbs/10_tokmetrics.ipynb #08b713c5
 def evaluate_tokenizers(names:Iterable[Tokenizer|str], # tokenizers or zoo names
                         corpus:Corpus, # the texts
                         metric_list:Sequence[Metric]|None=None, # default: `default_metrics()`
@@ -818,7 +824,7 @@ def evaluate_tokenizers(names:Iterable[Tokenizer|str], # tokenizers or zoo names
             "per_text": pd.concat(per, ignore_index=True) if per else pd.DataFrame(),
             "timing": pd.DataFrame(tim), "warnings": warn}
 
-# %% ../nbs/10_tokmetrics.ipynb #c8536352
+# %% ../nbs/10_tokmetrics.ipynb #811457dc
 def benchmark_suite(tok:Tokenizer|str, # tokenizer or zoo name
                     corpus:Corpus, # the texts
                     repeats:int=3, # timing runs; the best is kept
