@@ -13,7 +13,7 @@ __all__ = ['UNSEGMENTED_SCRIPTS', 'metrics', 'POOLED', 'script_codes', 'scripts_
            'vocab_audit', 'vocab_summary', 'vocab_jaccard', 'roundtrip_audit', 'digit_groups', 'chunk_pattern',
            'digit_profile', 'digit_policy', 'evaluate_tokenizers', 'benchmark_suite']
 
-# %% ../nbs/10_tokmetrics.ipynb #dcb855b0
+# %% ../nbs/10_tokmetrics.ipynb #7b4ce35f
 import functools, itertools, math, re, time, warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -22,9 +22,9 @@ import numpy as np
 import pandas as pd
 
 from .core import Registry, ConfigError, InputError
-from .tokenizers import Tokenizer, load_tokenizer, TOKEN_BYTE, TOKEN_UNKNOWN, GGUFTokenizer
+from .tokenizers import Tokenizer, HFTokenizer, load_tokenizer, TOKEN_BYTE, TOKEN_UNKNOWN, GGUFTokenizer
 
-# %% ../nbs/10_tokmetrics.ipynb #12caacff
+# %% ../nbs/10_tokmetrics.ipynb #7b9dd409
 @functools.lru_cache(None)
 def _script_table():
     from fontTools.unicodedata import Scripts
@@ -67,7 +67,7 @@ def utf8_len(cps:np.ndarray)->np.ndarray:
     cps = np.asarray(cps)
     return 1 + (cps >= 0x80).astype(np.int64) + (cps >= 0x800) + (cps >= 0x10000)
 
-# %% ../nbs/10_tokmetrics.ipynb #b347bdeb
+# %% ../nbs/10_tokmetrics.ipynb #4cfbbf40
 UNSEGMENTED_SCRIPTS = ("Hani", "Hira", "Kana", "Bopo", "Thai", "Laoo", "Khmr", "Mymr", "Tibt", "Yiii", "Lana", "Tale",
                        "Talu", "Tavt", "Java", "Bali")
 
@@ -96,7 +96,7 @@ def count_words(text:str)->int:
     "Number of words in `text` under our word definition."
     return len(word_spans(codepoints(text))[0])
 
-# %% ../nbs/10_tokmetrics.ipynb #b2ebbf23
+# %% ../nbs/10_tokmetrics.ipynb #890fae61
 class Corpus:
     "Texts with group and unit labels, plus tokenizer-independent statistics (computed once)."
     def __init__(self, texts:Sequence[str], # the texts
@@ -163,7 +163,7 @@ class Corpus:
         return Corpus([self.texts[i] for i in ix], [self.group_names[self.group[i]] for i in ix], [self.unit[i] for i in ix],
                       name=self.name, expected_groups=groups)
 
-# %% ../nbs/10_tokmetrics.ipynb #becbce94
+# %% ../nbs/10_tokmetrics.ipynb #ee417416
 def udhr_corpus(keys:Iterable[str]|str|None=None, # UDHR declaration keys ("eng", "mya", ...); default all
                 articles:Iterable[int]|None=None, # article numbers to keep (1-30 are the aligned ones); default all
                 min_stage:int|None=None, # keep languages with at least this quality stage
@@ -182,7 +182,7 @@ def udhr_corpus(keys:Iterable[str]|str|None=None, # UDHR declaration keys ("eng"
     units = df.article.tolist() if by == "article" else [f"{a}.{p}" for a, p in zip(df.article, df.para)]
     return Corpus(df.text.tolist(), df.key.tolist(), units, name="udhr", expected_groups=ks)
 
-# %% ../nbs/10_tokmetrics.ipynb #12209be1
+# %% ../nbs/10_tokmetrics.ipynb #7cc99c17
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 @dataclass
@@ -243,7 +243,7 @@ def token_table(tok:Tokenizer)->TokenTable:
     _TT_OBJ.pop(key, None)
     return tt
 
-# %% ../nbs/10_tokmetrics.ipynb #7e934f2e
+# %% ../nbs/10_tokmetrics.ipynb #7523d4fe
 @dataclass
 class Encoded:
     "The tokenization of a corpus: flat ids + tokens per text (one `encode_batch` call)."
@@ -273,7 +273,7 @@ def encode_corpus(tok:Tokenizer|str, # a tokenizer or zoo name
     ids = np.fromiter(itertools.chain.from_iterable(out), dtype=np.int64, count=int(lens.sum()))
     return Encoded(tok.name, ids, lens, dt, tt)
 
-# %% ../nbs/10_tokmetrics.ipynb #83888d0f
+# %% ../nbs/10_tokmetrics.ipynb #8ed314cd
 class CorpusStats:
     "Per-group aggregates of one encoded corpus, shared by all metrics (token-level work is done once, in `_base`)."
     def __init__(self, corpus:Corpus, enc:Encoded, pooled:bool=False, base:"CorpusStats|None"=None):
@@ -503,7 +503,7 @@ def default_metrics(alphas:Sequence[float]=(1.0, 2.5), # Rényi orders to report
         if observed_variant: out.append(RenyiEfficiency(a, "observed"))
     return out + [ZipfFit("s"), ZipfFit("r2")]
 
-# %% ../nbs/10_tokmetrics.ipynb #5205a6b1
+# %% ../nbs/10_tokmetrics.ipynb #b7b7f283
 POOLED = "__all__"
 
 @dataclass
@@ -553,15 +553,14 @@ def corpus_metrics(tok:Tokenizer|str, # a tokenizer or zoo name
                              "words": corpus.n_words})
     return MetricResult(tok.name, table, per_text, warn, enc.seconds, time.perf_counter() - t0)
 
-# %% ../nbs/10_tokmetrics.ipynb #0fb342c0
+# %% ../nbs/10_tokmetrics.ipynb #75516dd5
 def train_bpe(texts:Sequence[str], # training texts
               vocab_size:int=300, # total vocabulary size (256 bytes + merges + specials)
               special_tokens:Sequence[str]=("<unk>",), # added special tokens
               name:str="bpe", # tokenizer name
-             )->"HFTokenizer":
+             )->HFTokenizer:
     "A byte-level BPE trained with the `tokenizers` library, wrapped in the `Tokenizer` protocol."
     from tokenizers import Tokenizer as HFTok, models, pre_tokenizers, decoders, trainers
-    from tokexp.tokenizers import HFTokenizer
     t = HFTok(models.BPE())
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     t.decoder = decoders.ByteLevel()
@@ -570,7 +569,7 @@ def train_bpe(texts:Sequence[str], # training texts
     t.train_from_iterator(list(texts), trainer=tr)
     return HFTokenizer(t, name=name, family="trained")
 
-# %% ../nbs/10_tokmetrics.ipynb #412f41af
+# %% ../nbs/10_tokmetrics.ipynb #163a20c9
 def gini(x:Sequence[float])->float:
     "Gini coefficient of non-negative values (0 = all equal)."
     x = np.sort(np.asarray(x, dtype=np.float64))
@@ -620,7 +619,7 @@ def fairness_summary(par:pd.DataFrame, # output of `parity`
                      "max_group": d.group.iloc[int(np.argmax(d.premium.to_numpy()))], "n_groups": len(d)})
     return pd.DataFrame(rows)
 
-# %% ../nbs/10_tokmetrics.ipynb #b0cf41b1
+# %% ../nbs/10_tokmetrics.ipynb #8a3ffb6e
 def vocab_audit(tok:Tokenizer|str, # a tokenizer or zoo name
                )->pd.DataFrame:
     "One row per token id: bytes, category, word position, content class and script."
@@ -743,7 +742,7 @@ def roundtrip_audit(tok:Tokenizer|str, # a tokenizer or zoo name
             if e[:len(pre)] == pre and e[len(pre):] == [ids[k]]: status[k] = "ok_in_context"
     return pd.DataFrame({"id": ids, "status": status})
 
-# %% ../nbs/10_tokmetrics.ipynb #f84c37cc
+# %% ../nbs/10_tokmetrics.ipynb #9c842747
 def digit_groups(tok:Tokenizer, ids:Sequence[int])->list[int]:
     "Digit count of each token in `ids` (tokens without digits dropped)."
     tb = tok.all_token_bytes()
@@ -802,7 +801,7 @@ def digit_policy(profile:pd.DataFrame, # output of `digit_profile`
     if top.startswith(("L2R", "R2L")) and pats.iloc[0] >= 0.8 * len(p): return top
     return "learned (irregular)"
 
-# %% ../nbs/10_tokmetrics.ipynb #08b713c5
+# %% ../nbs/10_tokmetrics.ipynb #1a0a6669
 def evaluate_tokenizers(names:Iterable[Tokenizer|str], # tokenizers or zoo names
                         corpus:Corpus, # the texts
                         metric_list:Sequence[Metric]|None=None, # default: `default_metrics()`
@@ -824,7 +823,7 @@ def evaluate_tokenizers(names:Iterable[Tokenizer|str], # tokenizers or zoo names
             "per_text": pd.concat(per, ignore_index=True) if per else pd.DataFrame(),
             "timing": pd.DataFrame(tim), "warnings": warn}
 
-# %% ../nbs/10_tokmetrics.ipynb #811457dc
+# %% ../nbs/10_tokmetrics.ipynb #aa2ec0f5
 def benchmark_suite(tok:Tokenizer|str, # tokenizer or zoo name
                     corpus:Corpus, # the texts
                     repeats:int=3, # timing runs; the best is kept
