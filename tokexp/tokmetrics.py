@@ -13,7 +13,7 @@ __all__ = ['UNSEGMENTED_SCRIPTS', 'metrics', 'POOLED', 'script_codes', 'scripts_
            'vocab_audit', 'vocab_summary', 'vocab_jaccard', 'roundtrip_audit', 'digit_groups', 'chunk_pattern',
            'digit_profile', 'digit_policy', 'evaluate_tokenizers', 'benchmark_suite']
 
-# %% ../nbs/10_tokmetrics.ipynb #7b4ce35f
+# %% ../nbs/10_tokmetrics.ipynb #edf0417c
 import functools, itertools, math, re, time, warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -24,7 +24,7 @@ import pandas as pd
 from .core import Registry, ConfigError, InputError
 from .tokenizers import Tokenizer, HFTokenizer, load_tokenizer, TOKEN_BYTE, TOKEN_UNKNOWN, GGUFTokenizer
 
-# %% ../nbs/10_tokmetrics.ipynb #7b9dd409
+# %% ../nbs/10_tokmetrics.ipynb #4d43fe46
 @functools.lru_cache(None)
 def _script_table():
     from fontTools.unicodedata import Scripts
@@ -67,7 +67,7 @@ def utf8_len(cps:np.ndarray)->np.ndarray:
     cps = np.asarray(cps)
     return 1 + (cps >= 0x80).astype(np.int64) + (cps >= 0x800) + (cps >= 0x10000)
 
-# %% ../nbs/10_tokmetrics.ipynb #4cfbbf40
+# %% ../nbs/10_tokmetrics.ipynb #9bf8cbcd
 UNSEGMENTED_SCRIPTS = ("Hani", "Hira", "Kana", "Bopo", "Thai", "Laoo", "Khmr", "Mymr", "Tibt", "Yiii", "Lana", "Tale",
                        "Talu", "Tavt", "Java", "Bali")
 
@@ -96,7 +96,7 @@ def count_words(text:str)->int:
     "Number of words in `text` under our word definition."
     return len(word_spans(codepoints(text))[0])
 
-# %% ../nbs/10_tokmetrics.ipynb #890fae61
+# %% ../nbs/10_tokmetrics.ipynb #6f9cfc81
 class Corpus:
     "Texts with group and unit labels, plus tokenizer-independent statistics (computed once)."
     def __init__(self, texts:Sequence[str], # the texts
@@ -163,7 +163,7 @@ class Corpus:
         return Corpus([self.texts[i] for i in ix], [self.group_names[self.group[i]] for i in ix], [self.unit[i] for i in ix],
                       name=self.name, expected_groups=groups)
 
-# %% ../nbs/10_tokmetrics.ipynb #ee417416
+# %% ../nbs/10_tokmetrics.ipynb #fad3543a
 def udhr_corpus(keys:Iterable[str]|str|None=None, # UDHR declaration keys ("eng", "mya", ...); default all
                 articles:Iterable[int]|None=None, # article numbers to keep (1-30 are the aligned ones); default all
                 min_stage:int|None=None, # keep languages with at least this quality stage
@@ -182,7 +182,7 @@ def udhr_corpus(keys:Iterable[str]|str|None=None, # UDHR declaration keys ("eng"
     units = df.article.tolist() if by == "article" else [f"{a}.{p}" for a, p in zip(df.article, df.para)]
     return Corpus(df.text.tolist(), df.key.tolist(), units, name="udhr", expected_groups=ks)
 
-# %% ../nbs/10_tokmetrics.ipynb #7cc99c17
+# %% ../nbs/10_tokmetrics.ipynb #622a5e1c
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 @dataclass
@@ -243,7 +243,7 @@ def token_table(tok:Tokenizer)->TokenTable:
     _TT_OBJ.pop(key, None)
     return tt
 
-# %% ../nbs/10_tokmetrics.ipynb #7523d4fe
+# %% ../nbs/10_tokmetrics.ipynb #588b784c
 @dataclass
 class Encoded:
     "The tokenization of a corpus: flat ids + tokens per text (one `encode_batch` call)."
@@ -273,7 +273,7 @@ def encode_corpus(tok:Tokenizer|str, # a tokenizer or zoo name
     ids = np.fromiter(itertools.chain.from_iterable(out), dtype=np.int64, count=int(lens.sum()))
     return Encoded(tok.name, ids, lens, dt, tt)
 
-# %% ../nbs/10_tokmetrics.ipynb #8ed314cd
+# %% ../nbs/10_tokmetrics.ipynb #8571a688
 class CorpusStats:
     "Per-group aggregates of one encoded corpus, shared by all metrics (token-level work is done once, in `_base`)."
     def __init__(self, corpus:Corpus, enc:Encoded, pooled:bool=False, base:"CorpusStats|None"=None):
@@ -503,7 +503,7 @@ def default_metrics(alphas:Sequence[float]=(1.0, 2.5), # Rényi orders to report
         if observed_variant: out.append(RenyiEfficiency(a, "observed"))
     return out + [ZipfFit("s"), ZipfFit("r2")]
 
-# %% ../nbs/10_tokmetrics.ipynb #b7b7f283
+# %% ../nbs/10_tokmetrics.ipynb #fa765cd1
 POOLED = "__all__"
 
 @dataclass
@@ -553,7 +553,7 @@ def corpus_metrics(tok:Tokenizer|str, # a tokenizer or zoo name
                              "words": corpus.n_words})
     return MetricResult(tok.name, table, per_text, warn, enc.seconds, time.perf_counter() - t0)
 
-# %% ../nbs/10_tokmetrics.ipynb #75516dd5
+# %% ../nbs/10_tokmetrics.ipynb #0d0d0ba5
 def train_bpe(texts:Sequence[str], # training texts
               vocab_size:int=300, # total vocabulary size (256 bytes + merges + specials)
               special_tokens:Sequence[str]=("<unk>",), # added special tokens
@@ -569,7 +569,7 @@ def train_bpe(texts:Sequence[str], # training texts
     t.train_from_iterator(list(texts), trainer=tr)
     return HFTokenizer(t, name=name, family="trained")
 
-# %% ../nbs/10_tokmetrics.ipynb #163a20c9
+# %% ../nbs/10_tokmetrics.ipynb #94697d73
 def gini(x:Sequence[float])->float:
     "Gini coefficient of non-negative values (0 = all equal)."
     x = np.sort(np.asarray(x, dtype=np.float64))
@@ -619,7 +619,7 @@ def fairness_summary(par:pd.DataFrame, # output of `parity`
                      "max_group": d.group.iloc[int(np.argmax(d.premium.to_numpy()))], "n_groups": len(d)})
     return pd.DataFrame(rows)
 
-# %% ../nbs/10_tokmetrics.ipynb #8a3ffb6e
+# %% ../nbs/10_tokmetrics.ipynb #047d4f0f
 def vocab_audit(tok:Tokenizer|str, # a tokenizer or zoo name
                )->pd.DataFrame:
     "One row per token id: bytes, category, word position, content class and script."
@@ -742,7 +742,7 @@ def roundtrip_audit(tok:Tokenizer|str, # a tokenizer or zoo name
             if e[:len(pre)] == pre and e[len(pre):] == [ids[k]]: status[k] = "ok_in_context"
     return pd.DataFrame({"id": ids, "status": status})
 
-# %% ../nbs/10_tokmetrics.ipynb #9c842747
+# %% ../nbs/10_tokmetrics.ipynb #be8475c3
 def digit_groups(tok:Tokenizer, ids:Sequence[int])->list[int]:
     "Digit count of each token in `ids` (tokens without digits dropped)."
     tb = tok.all_token_bytes()
@@ -801,7 +801,7 @@ def digit_policy(profile:pd.DataFrame, # output of `digit_profile`
     if top.startswith(("L2R", "R2L")) and pats.iloc[0] >= 0.8 * len(p): return top
     return "learned (irregular)"
 
-# %% ../nbs/10_tokmetrics.ipynb #1a0a6669
+# %% ../nbs/10_tokmetrics.ipynb #19e525e4
 def evaluate_tokenizers(names:Iterable[Tokenizer|str], # tokenizers or zoo names
                         corpus:Corpus, # the texts
                         metric_list:Sequence[Metric]|None=None, # default: `default_metrics()`
@@ -823,7 +823,7 @@ def evaluate_tokenizers(names:Iterable[Tokenizer|str], # tokenizers or zoo names
             "per_text": pd.concat(per, ignore_index=True) if per else pd.DataFrame(),
             "timing": pd.DataFrame(tim), "warnings": warn}
 
-# %% ../nbs/10_tokmetrics.ipynb #aa2ec0f5
+# %% ../nbs/10_tokmetrics.ipynb #8bd07129
 def benchmark_suite(tok:Tokenizer|str, # tokenizer or zoo name
                     corpus:Corpus, # the texts
                     repeats:int=3, # timing runs; the best is kept
@@ -835,10 +835,13 @@ def benchmark_suite(tok:Tokenizer|str, # tokenizer or zoo name
     raw = raw_batch_fn(tok) or tok.encode_batch
     texts = corpus.texts
     t0 = time.perf_counter(); Corpus(texts, [corpus.group_names[g] for g in corpus.group], list(corpus.unit)); prep = time.perf_counter() - t0
-    rt, st = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter(); ids = raw(texts); rt.append(time.perf_counter() - t0)
-        t0 = time.perf_counter(); r = corpus_metrics(tok, corpus); st.append(time.perf_counter() - t0)
+    rt, st, rc, sc = [], [], [], []
+    for _ in range(repeats):  # interleaved, so both see the same machine load
+        t0, c0 = time.perf_counter(), time.process_time(); ids = raw(texts)
+        rt.append(time.perf_counter() - t0); rc.append(time.process_time() - c0)
+        t0, c0 = time.perf_counter(), time.process_time(); r = corpus_metrics(tok, corpus)
+        st.append(time.perf_counter() - t0); sc.append(time.process_time() - c0)
     return {"tokenizer": tok.name, "texts": len(texts), "MB": float(corpus.n_bytes.sum() / 1e6), "tokens": int(sum(map(len, ids))),
-            "raw_encode_s": min(rt), "suite_s": min(st), "ratio": min(st) / min(rt), "corpus_prep_s": prep,
-            "ratio_with_prep": (min(st) + prep) / min(rt)}
+            "raw_encode_s": min(rt), "suite_s": min(st), "ratio": min(st) / min(rt),
+            "ratio_median": float(np.median(np.array(st) / np.array(rt))), "cpu_ratio": min(sc) / max(min(rc), 1e-9),
+            "corpus_prep_s": prep, "ratio_with_prep": (min(st) + prep) / min(rt)}
