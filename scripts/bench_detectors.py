@@ -21,11 +21,13 @@ def main(argv=None):
     ap.add_argument("--max-chars", type=int, default=600, help="cut texts to this many characters")
     ap.add_argument("--batch-size", type=int, default=32, help="windows per batch in the one-pass route")
     ap.add_argument("--tiny", action="store_true", help="use two toy models trained on toy_corpus (fast, for CI)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--save", default="", help="write the result JSON here")
     a = ap.parse_args(argv)
     import torch
     from tokexp.lm import load_lm, lm_split, train_lm, toy_corpus, TINY
     from tokexp.detect import bench_detectors
+    if a.threads > 0: torch.set_num_threads(a.threads)
     if a.tiny:
         cache = Path(tempfile.mkdtemp(prefix="bench-detect-"))
         corpus = toy_corpus()
