@@ -8,7 +8,7 @@ __all__ = ['EPS', 'MIA_INPUTS', 'MIA_SCORES', 'masked_mean', 'bottom_k_mean', 'f
            'zscored_logp', 'mia_min_k_pp', 'mia_ref', 'dcpdd_terms', 'mia_dcpdd', 'toy_mia_stats', 'available_mia',
            'score_membership', 'population_texts', 'overfit_spec', 'train_overfit_lm', 'evaluate_membership']
 
-# %% ../nbs/31_membership.ipynb #663da60b
+# %% ../nbs/31_membership.ipynb #6d474e74
 import math, zlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -18,7 +18,7 @@ import numpy as np
 from .core import Registry, ConfigError, InputError
 from .lm import TokenStats
 
-# %% ../nbs/31_membership.ipynb #570d2ae7
+# %% ../nbs/31_membership.ipynb #84b14f95
 EPS = 1e-6  # floor of variances and denominators
 
 def masked_mean(x:np.ndarray, # [N, T] per-token values
@@ -40,7 +40,7 @@ def bottom_k_mean(x:np.ndarray, # [N, T] per-token values
     cs = np.cumsum(np.where(np.isfinite(s), s, 0.0), axis=1)
     return np.take_along_axis(cs, (np.minimum(m, s.shape[1]) - 1)[:, None], 1)[:, 0] / m
 
-# %% ../nbs/31_membership.ipynb #0aa85a33
+# %% ../nbs/31_membership.ipynb #21240a74
 def first_occurrence(ids:np.ndarray, # [N, T] token ids
                      mask:np.ndarray, # [N, T] bool: which positions count
                     )->np.ndarray:
@@ -55,7 +55,7 @@ def first_occurrence(ids:np.ndarray, # [N, T] token ids
     out[r[new], c[new]] = True
     return out
 
-# %% ../nbs/31_membership.ipynb #b14f5070
+# %% ../nbs/31_membership.ipynb #d9d3a0a6
 def token_frequencies(token_ids:Sequence[Sequence[int]], # token ids of each reference document
                       vocab_size:int, # V: the tokenizer's vocabulary size
                       alpha:float=1.0, # add-α (Laplace) smoothing
@@ -79,7 +79,7 @@ def corpus_frequencies(tokenizer, # the target model's tokenizer
     enc = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
     return token_frequencies(enc, len(tokenizer), alpha)
 
-# %% ../nbs/31_membership.ipynb #c35758be
+# %% ../nbs/31_membership.ipynb #98675fe8
 MIA_INPUTS = ("texts", "ref_stats", "freq")
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ def _check_inputs(stats, texts=None, ref_stats=None, freq=None):
                              "build it with the target model's tokenizer (corpus_frequencies(tokenizer, texts))")
         if (np.asarray(freq) <= 0).any(): raise InputError("frequencies must be > 0 (use Laplace smoothing: token_frequencies(..., alpha=1))")
 
-# %% ../nbs/31_membership.ipynb #51dccb6b
+# %% ../nbs/31_membership.ipynb #2ed68787
 def zlib_bits(texts:Sequence[str])->np.ndarray:
     "zlib-compressed size of each text's UTF-8 bytes, in bits `[N]`."
     return np.array([8.0 * len(zlib.compress(t.encode("utf-8"))) for t in texts])
@@ -202,7 +202,7 @@ def mia_dcpdd(s, freq, a=0.01, form="xent"):
     t, first = dcpdd_terms(s, freq, a, form)
     return masked_mean(t, first)
 
-# %% ../nbs/31_membership.ipynb #eb60867b
+# %% ../nbs/31_membership.ipynb #eaf0b2ae
 def toy_mia_stats(n:int=20, # texts per class
                   T:int=30, # tokens per text
                   V:int=50, # vocabulary size
@@ -222,7 +222,7 @@ def toy_mia_stats(n:int=20, # texts per class
                                        model_name=name)
     return mk(lp, "target"), mk(base, "reference"), y
 
-# %% ../nbs/31_membership.ipynb #d24491c0
+# %% ../nbs/31_membership.ipynb #72029a9a
 def available_mia(**inputs)->tuple[list[str], dict[str, str]]:
     "Names of the scores runnable with `inputs` (texts/ref_stats/freq) and {name: reason} for the others."
     ok, skipped = [], {}
@@ -240,7 +240,7 @@ def score_membership(stats:TokenStats, # the target model's TokenStats
                      scores:Sequence[str]|None=None, # names (None: every score the inputs support)
                      params:dict|None=None, # {score name: {param: value}}
                      min_tokens:int=1, # common minimum of scored tokens
-                    )->"pandas.DataFrame":
+                    ): # -> pandas.DataFrame
     "Every membership score from one TokenStats: one row per kept text (index = position in `stats`)."
     import pandas as pd
     inputs = dict(texts=texts, ref_stats=ref_stats, freq=freq)
@@ -263,7 +263,7 @@ def score_membership(stats:TokenStats, # the target model's TokenStats
                     higher_means_member={n: MIA_SCORES[n].higher_means_member for n in names})
     return df
 
-# %% ../nbs/31_membership.ipynb #48d4e179
+# %% ../nbs/31_membership.ipynb #db7ba360
 def population_texts(domain:str, # an English domain of the reference LMs
                      max_chars:int|None=1_000_000, # character budget of population text to return (None: all)
                      budget:int=1_000_000, # the reference LMs' per-domain budget (`LMSpec.data_chars`)
@@ -281,12 +281,12 @@ def population_texts(domain:str, # an English domain of the reference LMs
         out.append(t); total += len(t)
     return out
 
-# %% ../nbs/31_membership.ipynb #5b3c0aaa
+# %% ../nbs/31_membership.ipynb #c87f64f5
 def overfit_spec(steps:int=300, # optimizer steps (many epochs over a small member set)
                  seed:int=1234, # seed of initialization and data order
                  vocab_size:int=4096, # the tokenizer's vocabulary size
                  ctx:int=128, # context length
-                )->"tokexp.lm.LMSpec":
+                ): # -> tokexp.lm.LMSpec
     "A small GPT-2 spec (2 layers, d=128) meant to memorize a few hundred texts."
     from tokexp.lm import LMSpec
     return LMSpec("mia-overfit", d_model=128, n_layers=2, n_heads=4, ctx=ctx, vocab_size=vocab_size, domains=("members",),
@@ -305,7 +305,7 @@ def train_overfit_lm(members:Sequence[str], # the member texts it trains on (not
     model, log = fit_lm(spec, tokenizer, {"members": (list(members), [])}, progress=progress)
     return model.eval(), log
 
-# %% ../nbs/31_membership.ipynb #9cc3df0e
+# %% ../nbs/31_membership.ipynb #3b96aeae
 def evaluate_membership(df, # score_membership output
                         labels, # [N] 1 = member, 0 = non-member, for ALL texts of the stats (excluded ones are dropped)
                         groups=None, # [N] domain of every text (optional)
