@@ -376,7 +376,7 @@ TINY = LMSpec("tiny", d_model=32, n_layers=1, n_heads=2, ctx=32, vocab_size=320,
               steps=30, batch_size=8, lr=1e-2, warmup=5, eval_tokens=2048, description="1-layer toy model for tests")
 
 # %% ../nbs/20_lm.ipynb #09944842
-def resolve_device(device=None)->"torch.device":
+def resolve_device(device=None):
     "`device`, or CUDA when available, else CPU."
     import torch
     if device is None: device = "cuda" if torch.cuda.is_available() else "cpu"
