@@ -8,7 +8,7 @@ PROFILE ?= cpu
 # Without a GPU, Triton kernels are exercised through Triton's interpreter, which must be chosen before triton is imported
 TRITON_ENV := $(shell [ -e /dev/nvidia0 ] || echo TRITON_INTERPRET=1)
 
-.PHONY: env sysdeps assets run test check-sync nbtest pytest site lab clean-site
+.PHONY: env sysdeps assets lms run test check-sync nbtest pytest site lab clean-site
 
 env: $(STAMP) sysdeps
 
@@ -28,8 +28,12 @@ sysdeps:
 assets: env
 	$(BIN)/tokexp assets fetch
 
+lms: env assets
+	$(BIN)/tokexp lm train
+
 run: env assets
-	@rc=0; $(BIN)/tokexp run --profile $(PROFILE) || rc=$$?; \
+	@rc=0; [ "$(PROFILE)" != cpu ] || $(BIN)/tokexp lm train || rc=$$?; \
+	$(BIN)/tokexp run --profile $(PROFILE) || rc=$$?; \
 	$(BIN)/tokexp site || rc=$$?; exit $$rc
 
 site: env
