@@ -472,7 +472,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                        'tokexp.prune.policies.KeyNorm': ('prune.html#keynorm', 'tokexp/prune/policies.py'),
                                        'tokexp.prune.policies.KeyNorm.scores': ('prune.html#keynorm.scores', 'tokexp/prune/policies.py'),
                                        'tokexp.prune.policies.LazyLLM': ('prune.html#lazyllm', 'tokexp/prune/policies.py'),
-                                       'tokexp.prune.policies.LazyLLM.scores': ('prune.html#lazyllm.scores', 'tokexp/prune/policies.py'),
                                        'tokexp.prune.policies.PrunePolicy': ('prune.html#prunepolicy', 'tokexp/prune/policies.py'),
                                        'tokexp.prune.policies.PrunePolicy.__post_init__': ( 'prune.html#prunepolicy.__post_init__',
                                                                                             'tokexp/prune/policies.py'),

@@ -251,13 +251,10 @@ class StreamingLLM(PrunePolicy):
 
 @POLICIES.register("lazyllm")
 @dataclass
-class LazyLLM(PrunePolicy):
-    "Progressive per-layer pruning by last-query attention: deeper layers keep less (mean ratio = budget)."
+class LazyLLM(TOVA):
+    "Progressive per-layer pruning by last-query attention (TOVA's scores): deeper layers keep less (mean ratio = budget)."
     progressive: float = 0.5
     name: ClassVar[str] = "lazyllm"
-    query_window: ClassVar[int] = 1
-    def scores(self, q, k, past=None, *, scale=None, layer=0):
-        return _importance(q, k, last_query_weights(q.shape[2], q.device), scale)
 
 @POLICIES.register("random")
 @dataclass
