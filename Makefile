@@ -8,18 +8,35 @@ PROFILE ?= cpu
 # Without a GPU, Triton kernels are exercised through Triton's interpreter, which must be chosen before triton is imported
 TRITON_ENV := $(shell [ -e /dev/nvidia0 ] || echo TRITON_INTERPRET=1)
 
-.PHONY: env sysdeps assets lms run test check-sync nbtest pytest site lab clean-site
+.PHONY: env lock sysdeps assets lms run test check-sync nbtest pytest site lab clean-site
 
 env: $(STAMP) sysdeps
 
-# torch is installed first and pinned (local CPU wheel via pip's find-links) so that nothing pulls a CUDA build.
-$(STAMP): pyproject.toml
+# The environment: torch first (outside the lock: the CPU wheel where pip can find one - here a local file through
+# pip's find-links -, otherwise whatever build pip resolves, CUDA on a GPU box; TORCH_PIP_ARGS="--index-url
+# https://download.pytorch.org/whl/cpu" asks for the CPU build elsewhere), then every other dependency at the exact,
+# hash-checked versions of requirements.lock, then the package itself without resolving anything, then `pip check`.
+TORCH_PIP_ARGS ?=
+LOCK := requirements.lock
+PIP := $(BIN)/pip install -q --disable-pip-version-check
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev]"
-	@$(BIN)/python -c "import torch, sys; sys.exit('a CUDA torch build was installed; remove .venv and rerun' if torch.version.cuda else 0)"
+	$(PIP) torch==2.13.0 $(TORCH_PIP_ARGS)
+	$(PIP) --no-deps --require-hashes -r $(LOCK)
+	$(PIP) --no-deps --no-build-isolation -e .
+	$(BIN)/pip check --disable-pip-version-check
+	@$(BIN)/python -c "import torch; print('torch', torch.__version__, '(CUDA ' + torch.version.cuda + ' build)' if torch.version.cuda else '(CPU build)')"
 	$(BIN)/python -m ipykernel install --sys-prefix --name tokexp --display-name "Python (tokexp)" >/dev/null
 	@touch $(STAMP)
+
+# Refresh the lock (needs the package registries): exact versions with hashes for Linux x86_64 / CPython 3.11, torch
+# left out (installed first, CPU or CUDA build) but its dependencies pinned as the CPU wheel declares them.
+LOCK_TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-2.13.0*),--find-links /opt/wheels,--index https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
+lock: $(STAMP)
+	$(BIN)/uv pip compile pyproject.toml --extra dev --generate-hashes --no-emit-package torch --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 $(LOCK_TORCH_SOURCE) --custom-compile-command "make lock" -q -o $(LOCK).new
+	@! grep -qE '^(nvidia|cuda)-' $(LOCK).new || { echo "the lock resolved a CUDA torch's dependencies: give LOCK_TORCH_SOURCE a CPU wheel source"; rm -f $(LOCK).new; exit 1; }
+	@mv $(LOCK).new $(LOCK) && echo "wrote $(LOCK): $$(grep -cE '^[a-z]' $(LOCK)) packages, sha256 $$(sha256sum $(LOCK) | cut -c1-16)"
 
 # headless Chromium for the site test (Debian package); installed only when missing and we can (root)
 sysdeps:

@@ -36,6 +36,10 @@ def test_run_reuse_and_metadata(reports_tmp):
     m = json.loads((runs[0]/"metrics.json").read_text())
     assert m["_run"]["profile"] == "cpu" and m["_run"]["seed"] == 1234 and m["_run"]["environment"]["packages"]["torch"]
     assert m["_run"]["parameters"]["matmul_sizes"] == [32, 64]
+    from tokexp.core import project_root, sha256_file
+    lock = m["_run"]["environment"]["lock"]  # the report names the lock it was installed from
+    assert lock["sha256"] == sha256_file(project_root()/"requirements.lock") and lock["packages"] > 100
+    assert m["lock_sha256"] == lock["sha256"] and lock["mismatches"] == {}, lock["mismatches"]
     nb = nbformat.read(runs[0]/"env_report.ipynb", as_version=4)
     assert nb.metadata["tokexp"]["run_id"] == runs[0].name and "papermill" in nb.metadata
     r2 = tokexp("run", "env_report", "--quiet", "-p", "matmul_sizes", "[32, 64]")

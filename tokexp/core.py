@@ -5,7 +5,8 @@
 # %% auto #0
 __all__ = ['T', 'TokexpError', 'ConfigError', 'AssetMissingError', 'IntegrityError', 'InputError', 'unknown_name_message',
            'Registry', 'project_root', 'parse_value', 'Settings', 'load_settings', 'default_profile', 'seed_everything',
-           'atomic_write', 'write_json', 'read_json', 'sha256_file', 'stable_hash', 'environment_info']
+           'atomic_write', 'write_json', 'read_json', 'sha256_file', 'stable_hash', 'read_lock', 'lock_info',
+           'environment_info']
 
 # %% ../nbs/00_core.ipynb #b24e09fe
 import configparser, contextlib, difflib, hashlib, json, os, random, tempfile, ast, importlib.util
@@ -206,6 +207,31 @@ def stable_hash(obj:Any, n:int=12)->str:
     "Short hex digest of a JSON-serializable object (key order independent)."
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()[:n]
 
+# %% ../nbs/00_core.ipynb #b3e3d48c
+def read_lock(path:str|Path|None=None, # a pip requirements lock; default: the project's `requirements.lock`
+             )->dict[str, str]:
+    "Exact `name==version` pins of a requirements lock, names normalised as pip does (PEP 503)."
+    import re
+    path = Path(path) if path else project_root()/"requirements.lock"
+    pins = {}
+    for line in path.read_text().splitlines():
+        m = re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)", line)
+        if m: pins[re.sub(r"[-_.]+", "-", m[1]).lower()] = m[2]
+    return pins
+
+def lock_info(path:str|Path|None=None, # a pip requirements lock; default: the project's `requirements.lock`
+             )->dict[str, Any]:
+    "The lock a run was installed from: its sha256, and every installed package whose version differs from its pin."
+    import importlib.metadata as md
+    path = Path(path) if path else project_root()/"requirements.lock"
+    if not path.exists(): return {"file": str(path), "sha256": None, "mismatches": None}
+    mism = {}
+    for name, want in read_lock(path).items():
+        try: have = md.version(name)
+        except md.PackageNotFoundError: have = None
+        if have != want: mism[name] = {"locked": want, "installed": have}
+    return {"file": path.name, "sha256": sha256_file(path), "packages": len(read_lock(path)), "mismatches": mism}
+
 # %% ../nbs/00_core.ipynb #9003a7c9
 def environment_info(packages:Iterable[str]=("tokexp", "torch", "transformers", "tokenizers", "tiktoken", "sentencepiece",
                                              "gguf", "triton", "numpy", "pandas", "scipy", "scikit-learn", "papermill", "nbdev"),
@@ -222,4 +248,4 @@ def environment_info(packages:Iterable[str]=("tokexp", "torch", "transformers", 
         if torch.cuda.is_available(): dev = f"cuda:{torch.cuda.get_device_name(0)}"
     except ImportError: pass
     return {"python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine(),
-            "cpu_count": os.cpu_count(), "device": dev, "packages": vers}
+            "cpu_count": os.cpu_count(), "device": dev, "packages": vers, "lock": lock_info()}
