@@ -37,6 +37,10 @@ lock: $(STAMP)
 	  --python-platform x86_64-manylinux_2_28 $(LOCK_TORCH_SOURCE) --custom-compile-command "make lock" -q -o $(LOCK).new
 	@! grep -qE '^(nvidia|cuda)-' $(LOCK).new || { echo "the lock resolved a CUDA torch's dependencies: give LOCK_TORCH_SOURCE a CPU wheel source"; rm -f $(LOCK).new; exit 1; }
 	@mv $(LOCK).new $(LOCK) && echo "wrote $(LOCK): $$(grep -cE '^[a-z]' $(LOCK)) packages, sha256 $$(sha256sum $(LOCK) | cut -c1-16)"
+	@# the GPU-box path: PyPI's CUDA torch 2.13.0 (and its nvidia-*/triton pins) must resolve together with the lock
+	@echo "torch==2.13.0" > $(LOCK).cuda.in && $(BIN)/uv pip compile $(LOCK).cuda.in pyproject.toml --extra dev -c $(LOCK) \
+	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 -q -o /dev/null \
+	  && echo "CUDA torch 2.13.0 resolves with the lock" ; rc=$$?; rm -f $(LOCK).cuda.in; exit $$rc
 
 # headless Chromium for the site test (Debian package); installed only when missing and we can (root)
 sysdeps:
