@@ -244,3 +244,24 @@ def test_save_load_and_cache(tiny, tiny_path, tmp_path):
     # row selection
     sub = ts[[3, 0]]
     assert sub.text_hashes == [ts.text_hashes[3], ts.text_hashes[0]] and sub.hidden.shape[0] == 2
+
+
+def test_two_models_with_different_output_widths_need_opt_in(tiny):
+    """Two models that share a tokenizer but have output layers of different widths: cross statistics refuse to cut the
+    wider one to the narrower one's ids unless truncate_vocab=True, which then equals comparing over the first V ids."""
+    import copy
+    m, tok = tiny
+    wide = copy.deepcopy(m)
+    V = m.get_output_embeddings().weight.shape[0]
+    wide.resize_token_embeddings(V + 64, mean_resizing=False)  # 64 extra output rows (tied): the first V logits are m's own
+    with torch.no_grad(): wide.get_output_embeddings().weight[V:] += 3.0  # make the extra tokens carry real mass
+    assert wide.get_output_embeddings().weight.shape[0] == V + 64
+    with pytest.raises(InputError, match=rf"(?s){V}.*{V + 64}.*truncate_vocab=True"):
+        token_stats(m, tok, TEXTS, other=(wide, tok))
+    with pytest.raises(InputError, match="truncate_vocab"):
+        token_stats(wide, tok, TEXTS, other=(m, tok))
+    cut = token_stats(m, tok, TEXTS, other=(wide, tok), truncate_vocab=True)
+    same = token_stats(m, tok, TEXTS, other=(m, tok))  # the first V logits of `wide` are m's: the truncated comparison
+    np.testing.assert_allclose(cut.cross_mean_logp[cut.mask], same.cross_mean_logp[same.mask], atol=1e-5)
+    np.testing.assert_allclose(cut.cross_var_logp[cut.mask], same.cross_var_logp[same.mask], atol=1e-4)
+    assert cut.meta["truncate_vocab"] and cut.meta["output_vocab_sizes"] == [V, V + 64]

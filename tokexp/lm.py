@@ -584,6 +584,7 @@ def token_stats(model, # a causal LM (eval mode is enforced for the call)
                 padding_side:str="right", # "right" or "left": where padding goes in a batch (results do not depend on it)
                 add_bos:bool=True, # prepend BOS so the first token is scored
                 other=None, # (model, tokenizer) of a second model for cross statistics, same vocabulary
+                truncate_vocab:bool=False, # with `other`: allow output layers of different widths, compared over the smaller one's ids
                 hidden:bool=False, # also return last hidden states
                 allow_empty:bool=False, # allow texts with no scorable token (all-masked rows) instead of raising
                 impl:str="auto", # vocab-statistics implementation ("auto": Triton on CUDA, torch on CPU)
@@ -618,6 +619,13 @@ def token_stats(model, # a causal LM (eval mode is enforced for the call)
     Vt = len(tokenizer)
     Vm = [m.get_output_embeddings().weight.shape[0] if m.get_output_embeddings() is not None else m.config.vocab_size
           for m in (model, omodel) if m is not None]
+    if len(Vm) == 2 and Vm[0] != Vm[1] and not truncate_vocab:
+        raise InputError(f"{_model_name(model)} has {Vm[0]} output logits and {_model_name(omodel)} has {Vm[1]}, although they share a "
+                         "tokenizer: cross statistics (Binoculars, two-model Fast-DetectGPT) compare the two next-token distributions "
+                         f"entry by entry, so comparing them means cutting both to the first {min(Vm)} ids, which drops the wider "
+                         "model's extra tokens and renormalizes its softmax over a smaller set (every cross statistic changes). Use two "
+                         f"models with one output vocabulary, or pass truncate_vocab=True to compare them over the first {min(Vm)} ids "
+                         "(what Fast-DetectGPT's reference code does silently).")
     V = min([Vt] + Vm)
     top = max((max(s) for s in seqs if s), default=-1)
     low = min((min(s) for s in seqs if s), default=0)
@@ -681,7 +689,7 @@ def token_stats(model, # a causal LM (eval mode is enforced for the call)
             raise InputError(f"{_model_name(model)} produced non-finite {k} (NaN/inf in its logits); check the model weights and dtype")
     import transformers, torch as _t
     meta = {"batch_size": batch_size, "max_length": W, "stride": stride, "padding_side": padding_side, "add_bos": add_bos,
-            "impl": impl, "vocab_size": V, "vocab_hash": vocab_hash(tokenizer), "dtype": str(next(model.parameters()).dtype),
+            "impl": impl, "vocab_size": V, "output_vocab_sizes": Vm, "truncate_vocab": truncate_vocab, "vocab_hash": vocab_hash(tokenizer), "dtype": str(next(model.parameters()).dtype),
             "device": str(dev), "version": TOKENSTATS_VERSION, "torch": _t.__version__, "transformers": transformers.__version__}
     return TokenStats(ids=ids, mask=mask, **out, hidden=hid, text_hashes=[text_hash(t) for t in texts],
                       model_name=_model_name(model), other_name=_model_name(omodel) if omodel is not None else None, meta=meta)
