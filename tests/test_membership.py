@@ -127,3 +127,22 @@ def test_population_texts_disjoint():
     tr, ho = lm_split("fortunes")
     assert len(pop) > 0
     assert not (set(pop) & (set(tr) | set(ho)))
+
+
+# ---------------------------------------------------------------- non-finite token statistics are refused, not sorted away
+@pytest.mark.parametrize("field,value", [("logp", np.nan), ("logp", -np.inf), ("var_logp", np.nan), ("mean_logp", np.nan)])
+def test_nan_token_stats_are_refused_like_loss(field, value):
+    """A NaN (or −inf) at a scored position: loss refuses it (its mean is NaN); Min-K% / Min-K%++ sort per-token values
+    and used to push a NaN past the k% cut (or zero a −inf) and return a finite score — they must refuse it too."""
+    from tokexp.membership import toy_mia_stats
+    ts, _, _ = toy_mia_stats(n=4, T=10)
+    arr = getattr(ts, field).copy(); arr[1, 7] = value
+    bad = replace(ts, **{field: arr})
+    names = ["min-k++"] + (["loss", "min-k"] if field == "logp" else [])
+    for n in names:
+        with pytest.raises(InputError, match="non-finite"): MIA_SCORES[n](bad)
+    with pytest.raises(InputError, match="non-finite"): bottom_k_mean(np.where(np.arange(10) == 3, np.nan, 1.0)[None], np.ones((1, 10), bool))
+    # an unscored position may hold anything (padding)
+    arr2 = getattr(ts, field).copy(); m2 = ts.mask.copy(); arr2[1, 7] = value; m2[1, 7] = False
+    ok = replace(ts, **{field: arr2, "mask": m2})
+    for n in names: assert np.isfinite(MIA_SCORES[n](ok)[0]).all()

@@ -31,10 +31,16 @@ def bottom_k_mean(x:np.ndarray, # [N, T] per-token values
                   mask:np.ndarray, # [N, T] bool
                   k:float=0.2, # fraction of each row's scored tokens to average (the lowest ones)
                  )->np.ndarray:
-    "Mean of the lowest `max(1, floor(k·n))` scored values of each row (n = scored tokens), `[N]`."
+    "Mean of the lowest `max(1, floor(k·n))` scored values of each row (n = scored tokens), `[N]`; refuses NaN/inf."
     if not 0 < k <= 1: raise InputError(f"k must be a fraction in (0, 1], got {k}")
+    x = np.asarray(x, np.float64)
+    bad = mask & ~np.isfinite(x)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise InputError(f"{int(bad.sum())} scored per-token values are non-finite (NaN/inf; first: text {r}, token {c}, value {x[r, c]}): "
+                         "the k% lowest of them are undefined, as the mean loss would be; check the TokenStats")
     n = mask.sum(1)
-    s = np.sort(np.where(mask, np.asarray(x, np.float64), np.inf), axis=1)
+    s = np.sort(np.where(mask, x, np.inf), axis=1)
     m = np.maximum(1, np.floor(k * n + 1e-9).astype(int))
     if s.shape[1] == 0: return np.zeros(len(n))
     cs = np.cumsum(np.where(np.isfinite(s), s, 0.0), axis=1)
