@@ -41,7 +41,8 @@ ARCHS = ["gpt2", "llama"]
 @pytest.mark.parametrize("name", ["h2o", "tova", "a2sf", "snapkv", "lazyllm"])
 def test_attended_key_is_kept(name):
     q, k = attend_to(5, nq=6, nk=30, hq=4, hkv=2)
-    pol = make_policy(name, budget=4, recent=1, **({"window": 3} if name == "snapkv" else {}))
+    # SnapKV without pooling here: pooling spreads a key's score over its neighbours (tested on its own below)
+    pol = make_policy(name, budget=4, recent=1, **({"window": 3, "kernel": 1} if name == "snapkv" else {}))
     idx = pol.prune(q, k, k)[2]
     assert idx.shape == (1, 2, 4)
     for h in range(2):
@@ -388,3 +389,185 @@ def test_cuda_triton_path(arch):
     assert ev.events[0]["bytes_after"] / ev.events[0]["bytes_before"] == pytest.approx(0.25, abs=0.01)
     q, k = attend_to(7, nq=50, nk=300, hq=4, hkv=2)
     torch.testing.assert_close(H2O().scores(q.cuda(), k.cuda()).cpu(), H2O().scores(q, k), rtol=1e-3, atol=1e-4)
+
+
+# ---------------------------------------------------------------- transformers internals: the cache keyword (issue #10)
+def _cache_len(cache):
+    return [l.keys.shape[2] for l in cache.layers]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_budget_one_is_exact_and_keeps_full_kv_per_layer(arch):
+    "Budget 1.0 inside generate: token-identical and every layer holds the full length (not 1 position)."
+    m = tiny(arch)
+    x = ids(25, seed=7)
+    with torch.no_grad():
+        base = m.generate(x, max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
+        for every in (0, 1, 3):
+            with evict(m, H2O(1.0), every=every) as ev:
+                got = m.generate(x, max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
+            assert torch.equal(base.sequences, got.sequences), every
+            assert _cache_len(got.past_key_values) == [25 + 12 - 1] * 2  # the last token is never fed back
+            assert kv_bytes(got.past_key_values) == kv_bytes(base.past_key_values)
+            assert ev.events and all(e["kept"] == [e["n_seen"]] * 2 for e in ev.events)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_streaming_llm_keeps_exactly_n_per_layer_in_generate(arch):
+    m = tiny(arch)
+    x = ids(100, seed=11)
+    with torch.no_grad():
+        full = m(x, use_cache=True).past_key_values
+        with evict(m, StreamingLLM(64, sinks=4), every=1) as ev:
+            out = m.generate(x, max_new_tokens=10, do_sample=False, return_dict_in_generate=True)
+    assert _cache_len(out.past_key_values) == [64, 64]
+    assert all(e["kept"] == [64, 64] for e in ev.events) and len(ev.events) == 10
+    for lf, lo in zip(full.layers, out.past_key_values.layers):  # the sinks are the prompt's first 4 keys
+        torch.testing.assert_close(lo.keys[:, :, :4], lf.keys[:, :, :4])
+    # every=0: evicted once after the prefill, then the decoded tokens are appended
+    with torch.no_grad(), evict(m, StreamingLLM(64, sinks=4), every=0) as ev:
+        out = m.generate(x, max_new_tokens=10, do_sample=False, return_dict_in_generate=True)
+    assert _cache_len(out.past_key_values) == [64 + 9, 64 + 9] and len(ev.events) == 1
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_continuation_call_with_past_key_values(arch):
+    "A direct continuation call passing past_key_values= (the old keyword, still accepted) after an evicted prefill."
+    m = tiny(arch)
+    x, cont = ids(40, seed=8), ids(5, seed=9)
+    with torch.no_grad():
+        ref_pre = m(x, use_cache=True)
+        ref = m(cont, past_key_values=ref_pre.past_key_values, use_cache=True)
+        with evict(m, H2O(1.0)) as ev:
+            pre = m(x, use_cache=True)
+            out = m(cont, past_key_values=pre.past_key_values, use_cache=True)
+        assert _cache_len(out.past_key_values) == [45, 45]
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+        with evict(m, H2O(0.5)) as ev:
+            pre = m(x, use_cache=True)
+            out = m(cont, past_key_values=pre.past_key_values, use_cache=True)
+        assert _cache_len(out.past_key_values) == [20 + 5, 20 + 5] and ev.events[0]["kept"] == [20, 20]
+    assert torch.isfinite(out.logits).all()
+
+
+def test_missing_cache_keyword_fails_loudly(monkeypatch):
+    "No known cache keyword in the forward signature: a ConfigError naming the version and the keywords looked for."
+    import transformers
+    import tokexp.prune.policies as P
+    m = tiny("llama")
+    monkeypatch.setattr(P, "CACHE_KEYWORDS", ("kv_state_v9",))
+    with pytest.raises(ConfigError, match=rf"transformers {transformers.__version__}.*kv_state_v9"):
+        evict(m, H2O(1.0))
+
+
+def test_cache_under_unexpected_keyword_fails_loudly_in_generate(monkeypatch):
+    "The model-level hook looks under the wrong keyword (the 5.24 bug): generate must raise, not evict to one position."
+    import transformers
+    import tokexp.prune.policies as P
+    m = tiny("llama")
+    orig = P.cache_keyword
+    monkeypatch.setattr(P, "cache_keyword", lambda fn, what: ("not_the_cache", None) if fn == m.forward else orig(fn, what))
+    x = ids(25, seed=7)
+    with pytest.raises(ConfigError, match=rf"transformers {transformers.__version__}.*not_the_cache"):
+        with torch.no_grad(), evict(m, H2O(1.0), every=1):
+            m.generate(x, max_new_tokens=4, do_sample=False)
+
+
+def test_cache_without_layers_fails_loudly():
+    with pytest.raises(ConfigError, match="layers"):
+        kv_bytes(object())
+
+
+# ---------------------------------------------------------------- every=0: the query buffer stays bounded (issue #10)
+@pytest.mark.parametrize("name", ["h2o", "a2sf"])
+def test_query_buffer_bounded_over_long_generation(name):
+    m = tiny("llama")
+    x = ids(40, seed=12)
+    hq, d, n_layers = 4, 16, 2
+    q_bytes = hq * d * 4 * n_layers  # one decode step's queries, all layers (fp32)
+    with torch.no_grad():
+        with evict(m, make_policy(name, budget=0.25), every=0) as ev:
+            out = m.generate(x, max_new_tokens=150, do_sample=False, return_dict_in_generate=True)
+            cache = out.past_key_values
+            assert _cache_len(cache) == [10 + 149] * 2
+            buf = kv_bytes(cache, ev) - kv_bytes(cache)
+        assert 0 < buf < q_bytes  # carried scores only; no decode queries (nothing would ever use them)
+        assert "buffer_bytes" in ev.events[0]
+        with evict(m, make_policy(name, budget=0.25), every=10) as ev:
+            out = m.generate(x, max_new_tokens=150, do_sample=False, return_dict_in_generate=True)
+            cache = out.past_key_values
+            n_seen = 40 + 149
+            assert _cache_len(cache) == [math.ceil(0.25 * 180) + 9] * 2  # last eviction at 180 seen, then 9 appended
+            buf = kv_bytes(cache, ev) - kv_bytes(cache)
+        assert buf <= 10 * q_bytes + 2 * 4 * 2 * n_seen  # at most `every` steps of queries + carried scores
+        assert all(e["buffer_bytes"] < 10 * q_bytes for e in ev.events)
+
+
+# ---------------------------------------------------------------- TOVA and SnapKV as published (issue #10)
+def _rand_qk(hq, hkv, nq, nk, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, hq, nq, d, generator=g) * 1.5, torch.randn(1, hkv, nk, d, generator=g) * 1.5
+
+
+def test_tova_default_is_head_averaged_like_the_paper():
+    hq, hkv, nk, n_keep, d = 4, 2, 30, 9, 16
+    q, k = _rand_qk(hq, hkv, 6, nk)
+    G = hq // hkv
+    # direct loop of TOVA's rule: the last query's softmax attention, averaged over all heads of the layer, top-k
+    avg = [0.0] * nk
+    for h in range(hq):
+        logits = [sum(q[0, h, -1, t].item() * k[0, h // G, j, t].item() for t in range(d)) / math.sqrt(d) for j in range(nk)]
+        mx = max(logits); e = [math.exp(v - mx) for v in logits]; z = sum(e)
+        for j in range(nk): avg[j] += e[j] / z / hq
+    want = sorted(sorted(range(nk), key=lambda j: -avg[j])[:n_keep])
+    idx = TOVA(n_keep).prune(q, k, k)[2]
+    assert idx.shape == (1, hkv, n_keep)
+    for g in range(hkv): assert idx[0, g].tolist() == want
+    # per-head option: each KV head ranks by its own query heads' attention
+    per = TOVA(n_keep, per_head=True).prune(q, k, k)[2]
+    for g in range(hkv):
+        sub = [0.0] * nk
+        for h in range(g * G, (g + 1) * G):
+            p = torch.softmax(q[0, h, -1].double() @ k[0, g].double().T / math.sqrt(d), -1)
+            for j in range(nk): sub[j] += p[j].item()
+        assert per[0, g].tolist() == sorted(sorted(range(nk), key=lambda j: -sub[j])[:n_keep])
+    assert LazyLLM(0.5).per_head is False  # LazyLLM also averages the last token's attention over heads
+
+
+def _snapkv_reference(q, k, n_keep, window, kernel, pooling):
+    "SnapKV's published rule, head by head: window attention summed over the window's queries, pooled over the prefix."
+    B, H, nq, d = q.shape; nk = k.shape[2]
+    out = []
+    for h in range(H):
+        att = [0.0] * nk
+        for i in range(nq - window, nq):
+            pos = nk - nq + i  # the query's position; causal
+            logits = [(q[0, h, i] @ k[0, h, j]).item() / math.sqrt(d) if j <= pos else -math.inf for j in range(nk)]
+            mx = max(logits); e = [math.exp(v - mx) for v in logits]; z = sum(e)
+            for j in range(nk): att[j] += e[j] / z
+        pre = att[:nk - window]
+        r = kernel // 2
+        if pooling == "avg":  # zero padding counted (torch's avg_pool1d default, as the reference code uses)
+            pooled = [sum(pre[t] for t in range(j - r, j + r + 1) if 0 <= t < len(pre)) / kernel for j in range(len(pre))]
+        else:
+            pooled = [max(pre[t] for t in range(j - r, j + r + 1) if 0 <= t < len(pre)) for j in range(len(pre))]
+        top = sorted(range(len(pre)), key=lambda j: -pooled[j])[:n_keep - window]
+        out.append((sorted(top) + list(range(nk - window, nk)), pooled))
+    return out
+
+
+def test_snapkv_defaults_are_the_papers():
+    pol = SnapKV(0.5)
+    assert (pol.window, pol.kernel, pol.pooling, pol.recent) == (32, 5, "avg", 32)
+    q, k = _rand_qk(2, 2, 40, 90, seed=3)
+    n_keep = 50
+    ref = _snapkv_reference(q, k, n_keep, 32, 5, "avg")
+    assert SnapKV(n_keep).prune(q, k, k)[2][0].tolist() == [r[0] for r in ref]
+    # the earlier defaults stay available as options; max pooling ties neighbours, so compare scores and top-k-ness
+    pol = SnapKV(20, window=8, pooling="max")
+    s, idx = pol.scores(q, k), pol.prune(q, k, k)[2][0]
+    for h, (want, pooled) in enumerate(_snapkv_reference(q, k, 20, 8, 5, "max")):
+        torch.testing.assert_close(s[0, h, :82].double(), torch.tensor(pooled, dtype=torch.float64), rtol=1e-4, atol=1e-6)
+        kept = [j for j in idx[h].tolist() if j < 82]
+        assert idx[h].tolist()[-8:] == list(range(82, 90)) and len(kept) == 12
+        assert min(pooled[j] for j in kept) >= max(pooled[j] for j in range(82) if j not in kept) - 1e-6
