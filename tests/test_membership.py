@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from tokexp.core import InputError
-from tokexp.lm import TINY, token_stats, toy_corpus, train_tokenizer, fit_lm
+from tokexp.lm import TINY, TokenStats, token_stats, toy_corpus, train_tokenizer, fit_lm
 from tokexp.membership import (MIA_SCORES, bottom_k_mean, corpus_frequencies, evaluate_membership, first_occurrence,
-                               overfit_spec, score_membership, token_frequencies, train_overfit_lm, zlib_bits)
+                               overfit_spec, score_membership, token_frequencies, train_overfit_lm, zlib_bits,
+                               zlib_bytes)
 
 
 # ---------------------------------------------------------------- vectorized reductions vs loops
@@ -79,10 +80,10 @@ def test_every_score_detects_memorization(setup):
     res = evaluate_membership(df, s["y"], n_boot=200)
     aucs = {n: r["auroc"] for n, r in res.items()}
     print(aucs)
-    # measured (seeded, deterministic): loss 0.84, zlib 0.84, min-k 0.81, ref 0.85, dc-pdd 0.73, min-k++ 0.55.
+    # measured (seeded, deterministic): loss 0.84, zlib-bits 0.84, min-k 0.81, ref 0.85, dc-pdd 0.73, min-k++ 0.55.
     # Min-K%++ is weak here: on memorized positions the model's distribution is peaked, so the z-score of the actual
     # token carries little extra information; its direction is checked in test_member_beats_random_tokens instead.
-    floors = {"loss": 0.75, "zlib": 0.75, "min-k": 0.75, "ref": 0.75, "dc-pdd": 0.65, "min-k++": 0.0}
+    floors = {"loss": 0.75, "zlib": 0.75, "zlib-bits": 0.75, "min-k": 0.75, "ref": 0.75, "dc-pdd": 0.65, "min-k++": 0.0}
     for n, a in aucs.items(): assert a > floors[n], (n, a)
     assert not df.isna().any().any()
 
@@ -146,3 +147,52 @@ def test_nan_token_stats_are_refused_like_loss(field, value):
     arr2 = getattr(ts, field).copy(); m2 = ts.mask.copy(); arr2[1, 7] = value; m2[1, 7] = False
     ok = replace(ts, **{field: arr2, "mask": m2})
     for n in names: assert np.isfinite(MIA_SCORES[n](ok)[0]).all()
+
+
+# ---------------------------------------------------------------- zlib: the peers' per-token form, the total-bits variant
+def test_zlib_scores_match_direct_computation(setup):
+    """`zlib` = mean NLL per token (nats) / zlib bytes, as Carlini et al.'s extraction code (log perplexity / zlib size),
+    the Min-K% code's ppl/zlib and MIMIR's ZLIBAttack (loss / zlib_entropy) compute it; `zlib-bits` = −Σ log2 p / zlib bits."""
+    import math, zlib
+    s = setup
+    ts, texts = s["ts"], s["texts"]
+    per_tok, bits = [], []
+    for i, t in enumerate(texts):
+        lp = [float(v) for v, m in zip(ts.logp[i], ts.mask[i]) if m]
+        z = len(zlib.compress(bytes(t, "utf-8")))
+        per_tok.append(-sum(lp) / len(lp) / z)
+        bits.append(-sum(v / math.log(2) for v in lp) / (8 * z))
+    np.testing.assert_allclose(MIA_SCORES["zlib"](ts, texts=texts)[0], per_tok, rtol=1e-9)
+    np.testing.assert_allclose(MIA_SCORES["zlib-bits"](ts, texts=texts)[0], bits, rtol=1e-9)
+    assert not MIA_SCORES["zlib"].higher_means_member and not MIA_SCORES["zlib-bits"].higher_means_member
+    np.testing.assert_array_equal(zlib_bits(texts), 8 * zlib_bytes(texts))
+
+
+def test_zlib_scores_length_dependence():
+    """The measurement the notebook's prose quotes: on held-out natural text (fortunes) under a unigram LM of the training
+    split, neither zlib score is length-independent; `zlib` falls like 1/length, `zlib-bits` rises with length."""
+    import math
+    from scipy.stats import spearmanr
+    from tokexp.lm import lm_split
+    from tokexp.membership import MIAScore
+    tr, ho = lm_split("fortunes")
+    tok = train_tokenizer(tr[:3000], 2048)
+    f = token_frequencies(tok(tr, add_special_tokens=False)["input_ids"], len(tok))
+    def scores(texts):
+        enc = tok(texts, add_special_tokens=False)["input_ids"]
+        T = max(map(len, enc)); lp = np.zeros((len(enc), T), np.float32); mask = np.zeros((len(enc), T), bool)
+        for i, e in enumerate(enc): lp[i, :len(e)] = np.log(f[e]); mask[i, :len(e)] = True
+        z = lambda a: np.zeros_like(a)
+        st = TokenStats(ids=np.zeros((len(enc), T), np.int64), mask=mask, logp=lp, rank=np.ones((len(enc), T), np.int64), entropy=z(lp),
+                        max_logp=z(lp), mass_geq=z(lp), mean_logp=z(lp), var_logp=z(lp), text_hashes=[str(i) for i in range(len(enc))], model_name="unigram")
+        return st.lengths, {n: MIA_SCORES[n](st, texts=texts)[0] for n in ("zlib", "zlib-bits", "loss")}
+    held = [t for t in ho if len(t) >= 40][:600]
+    n, sc = scores(held)
+    rho = {k: spearmanr(v, n).statistic for k, v in sc.items()}
+    print("Spearman rho with length:", {k: round(v, 3) for k, v in rho.items()}, "tokens", n.min(), n.max())
+    assert rho["zlib"] < -0.9 and rho["zlib-bits"] > 0.8 and abs(rho["loss"]) < 0.4, rho
+    long = [t for t in held if len(t) >= 400]
+    med = {frac: {k: float(np.median(v)) for k, v in scores([t[:int(len(t) * frac)] for t in long])[1].items()} for frac in (0.25, 0.5, 1.0)}
+    print(len(long), "texts truncated:", med)
+    assert med[0.25]["zlib"] > 2 * med[1.0]["zlib"]  # ~1/length
+    assert med[0.25]["zlib-bits"] < med[0.5]["zlib-bits"] < med[1.0]["zlib-bits"]
