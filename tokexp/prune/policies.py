@@ -293,6 +293,11 @@ def attention_layers(model)->list:
         if mt == "gpt2" and cls == "GPT2Attention" and not getattr(m, "is_cross_attention", False): out.append((m.layer_idx, m, "gpt2"))
         elif mt in LLAMA_FAMILY and cls.endswith("Attention") and all(hasattr(m, a) for a in ("q_proj", "k_proj", "head_dim", "layer_idx")):
             out.append((m.layer_idx, m, "llama"))
+    for li, m, kind in out:
+        need = ("c_attn", "split_size", "head_dim", "layer_idx") if kind == "gpt2" else ("q_proj", "head_dim", "layer_idx")
+        if missing := [a for a in need if not hasattr(m, a)]:
+            raise ConfigError(f"transformers {_tf_version()}: {type(m).__name__} has no {missing}, which KV eviction uses to "
+                              f"recompute queries; this transformers version is not supported")
     if not out:
         raise ConfigError(f"KV eviction needs the queries and keys of each attention layer, which tokexp can only recover for "
                           f"{SUPPORTED_MODELS}; this model is {type(model).__name__} (model_type {mt!r}). Use one of those or "
