@@ -163,3 +163,20 @@ def test_bench_detectors(models, texts):
     assert r["one_pass"]["forward_passes"] == {"model": 1, "other": 1}
     assert sum(r["per_detector"]["forward_passes"].values()) >= 6 * r["n_detectors"]
     assert r["max_rel_diff"] < 1e-3
+
+
+def test_binoculars_output_width_mismatch_needs_opt_in(models, texts):
+    """Same tokenizer, output layers of different widths (here: one model with 32 extra, heavily weighted logits):
+    Binoculars / two-model Fast-DetectGPT refuse unless truncate_vocab=True, which compares over the first V ids."""
+    import copy
+    (m, tok), (m2, tok2) = models
+    wide = copy.deepcopy(m2)
+    V = m2.get_output_embeddings().weight.shape[0]
+    wide.resize_token_embeddings(V + 32, mean_resizing=False)
+    with torch.no_grad(): wide.get_output_embeddings().weight[V:] = 5.0 * wide.get_output_embeddings().weight[:32]
+    with pytest.raises(InputError, match=rf"(?s)Binoculars.*{V}.*{V + 32}.*truncate_vocab=True"):
+        two_model_stats((m, tok), (wide, tok2), texts[0][:4])
+    cut = two_model_stats((m, tok), (wide, tok2), texts[0][:4], truncate_vocab=True)
+    ref = two_model_stats((m, tok), (m2, tok2), texts[0][:4])  # wide's first V logits are m2's
+    a, b = score_all(cut, detectors=["binoculars", "fast-detectgpt-2m"]), score_all(ref, detectors=["binoculars", "fast-detectgpt-2m"])
+    np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), rtol=1e-5, atol=1e-6)

@@ -176,13 +176,16 @@ def likelihood_ratio(s, o): return masked_mean(s.logp, s.mask) - masked_mean(o.l
 def two_model_stats(scoring, # (model, tokenizer): p, whose log-probs are scored (Binoculars "performer")
                     reference, # (model, tokenizer): q, the sampling model / Binoculars "observer"
                     texts:Sequence[str], # the texts
-                    **kwargs, # token_stats arguments (batch_size, hidden, ...)
+                    **kwargs, # token_stats arguments (batch_size, hidden, truncate_vocab, ...)
                    )->TokenStats:
-    "TokenStats of `scoring` with cross statistics against `reference` (one pass per model); same vocabulary required."
+    "TokenStats of `scoring` with cross statistics against `reference` (one pass per model); same vocabulary and output width required."
     from tokexp.lm import token_stats
     try: check_same_vocab(scoring[1], reference[1], ("scoring model", "reference model"))
     except InputError as e: raise InputError(f"Binoculars / two-model Fast-DetectGPT: {e}") from None
-    return token_stats(scoring[0], scoring[1], texts, other=reference, **kwargs)
+    try: return token_stats(scoring[0], scoring[1], texts, other=reference, **kwargs)
+    except InputError as e:
+        if "truncate_vocab" in str(e): raise InputError(f"Binoculars / two-model Fast-DetectGPT: {e}") from None
+        raise
 
 # %% ../nbs/30_detect.ipynb #1f1dec1f
 def available_detectors(stats:TokenStats, other_stats:TokenStats|None=None)->tuple[list[str], dict[str, str]]:
