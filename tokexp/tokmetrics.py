@@ -7,7 +7,7 @@ type-token statistics, Zipf fit), parity/premium with bootstrap CIs, and digit-c
 # %% auto #0
 __all__ = ['UNSEGMENTED_SCRIPTS', 'metrics', 'POOLED', 'script_codes', 'scripts_of', 'script_of', 'codepoints', 'utf8_len',
            'word_spans', 'count_words', 'Corpus', 'udhr_corpus', 'TokenTable', 'token_table', 'Encoded',
-           'encode_corpus', 'CorpusStats', 'renyi_entropy', 'check_alpha', 'Metric', 'ContinuedWords',
+           'encode_corpus', 'CorpusStats', 'token_offsets', 'renyi_entropy', 'check_alpha', 'Metric', 'ContinuedWords',
            'AlignedTextShare', 'Types', 'TypeTokenRatio', 'HapaxShare', 'VocabUsed', 'RenyiEfficiency', 'ZipfFit',
            'default_metrics', 'MetricResult', 'corpus_metrics', 'train_bpe', 'gini', 'parity', 'fairness_summary',
            'vocab_audit', 'vocab_summary', 'vocab_jaccard', 'roundtrip_audit', 'digit_groups', 'chunk_pattern',
@@ -21,8 +21,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from .core import Registry, ConfigError, InputError
-from .tokenizers import Tokenizer, HFTokenizer, load_tokenizer, TOKEN_BYTE, TOKEN_UNKNOWN, GGUFTokenizer
+from .core import Registry, ConfigError, InputError, IntegrityError
+from .tokenizers import (Tokenizer, HFTokenizer, SentencePieceTokenizer, load_tokenizer, TOKEN_BYTE, TOKEN_UNKNOWN,
+                         TOKEN_USER_DEFINED, GGUFTokenizer)
 
 # %% ../nbs/10_tokmetrics.ipynb #4d43fe46
 @functools.lru_cache(None)
@@ -131,6 +132,7 @@ class Corpus:
         n = len(self.texts)
         self.n_chars = np.fromiter(map(len, self.texts), dtype=np.int64, count=n)
         joined = "\n".join(self.texts)
+        self.raw = np.frombuffer(joined.encode("utf-8"), dtype=np.uint8)  # the texts' bytes, joined by "\n"
         cps = codepoints(joined)
         ub = utf8_len(cps)
         boff = np.r_[0, np.cumsum(ub)]                        # byte offset of each code point in the joined text
@@ -147,6 +149,12 @@ class Corpus:
         tix = np.searchsorted(cstart, np.flatnonzero(lt), side="right") - 1
         ns = len(script_codes())
         self.script_counts = np.bincount(self.group[tix] * ns + sc, minlength=len(self.group_names) * ns).reshape(-1, ns) if n else np.zeros((0, ns), np.int64)
+
+    @functools.cached_property
+    def cp_bytes(self)->tuple[np.ndarray, np.ndarray]:
+        "(byte offset in `raw` of every code point of the joined texts, code-point offset of each text): maps offsets to bytes."
+        cps = codepoints("\n".join(self.texts))
+        return np.r_[0, np.cumsum(utf8_len(cps))], np.r_[0, np.cumsum(self.n_chars + 1)[:-1]].astype(np.int64)
 
     def __len__(self): return len(self.texts)
     def __repr__(self): return f"Corpus({self.name!r}, {len(self)} texts, {len(self.group_names)} groups, {int(self.n_bytes.sum())} bytes)"
@@ -197,6 +205,9 @@ class TokenTable:
     spaced: np.ndarray
     partial_utf8: np.ndarray
     prefix_space: bool
+    blank: np.ndarray = None  # non-empty and whitespace only (e.g. a lone ▁): never inside a word
+    flat: np.ndarray = None  # all token bytes concatenated (uint8)
+    flat_start: np.ndarray = None  # where each token's bytes start in `flat`
 
 def _valid_utf8(b:bytes)->bool:
     try: b.decode("utf-8"); return True
@@ -233,7 +244,10 @@ def _build_token_table(tok:Tokenizer)->TokenTable:
     try: ids = tok.encode("a")
     except Exception: ids = []
     prefix_space = bool(ids) and len(tb[ids[0]]) > 0 and tb[ids[0]][:1] == b" "
-    return TokenTable(tok.name, V, nb, special, unk, byte_piece, spaced, partial & ~byte_piece, prefix_space)
+    blank = np.array([len(b) > 0 and not b.strip() for b in tb] + [False] * (V - len(tb)))
+    flat = np.frombuffer(b"".join(tb), dtype=np.uint8)
+    return TokenTable(tok.name, V, nb, special, unk, byte_piece, spaced, partial & ~byte_piece, prefix_space, blank, flat,
+                      np.r_[0, np.cumsum(nb)[:-1]].astype(np.int64))
 
 def token_table(tok:Tokenizer)->TokenTable:
     "The cached `TokenTable` of `tok`."
@@ -252,6 +266,7 @@ class Encoded:
     lens: np.ndarray
     seconds: float
     table: TokenTable
+    source: Any = field(default=None, repr=False)  # the Tokenizer (its offsets align texts its bytes cannot)
 
     @property
     def text_of_token(self)->np.ndarray: return np.repeat(np.arange(len(self.lens)), self.lens)
@@ -271,7 +286,7 @@ def encode_corpus(tok:Tokenizer|str, # a tokenizer or zoo name
     dt = time.perf_counter() - t0
     lens = np.fromiter(map(len, out), dtype=np.int64, count=len(out))
     ids = np.fromiter(itertools.chain.from_iterable(out), dtype=np.int64, count=int(lens.sum()))
-    return Encoded(tok.name, ids, lens, dt, tt)
+    return Encoded(tok.name, ids, lens, dt, tt, tok)
 
 # %% ../nbs/10_tokmetrics.ipynb #8571a688
 class CorpusStats:
@@ -320,8 +335,32 @@ def _type_counts(g, enc):
     o = np.lexsort((-cnt, grp))
     return grp[o], tid[o], cnt[o]
 
+def token_offsets(tok:Tokenizer, # the tokenizer that produced the ids
+                  texts:Sequence[str], # the texts
+                 )->list[tuple[list[int], list[tuple[int, int]]]]|None:
+    "Per text: (ids, code-point [start, end) of each token in the *original* text) from the library's offset API; None if it has none."
+    texts = list(texts)
+    if isinstance(tok, HFTokenizer):  # tokenizers maps offsets back through its normalizer (lowercase, NFD, ...)
+        out = [(e.ids, e.offsets) for e in tok.backend.encode_batch(texts, add_special_tokens=False)]
+    elif isinstance(tok, SentencePieceTokenizer):
+        f = getattr(tok.backend, "encode_as_offset_mapping", None)
+        if f is None: raise IntegrityError("sentencepiece has no encode_as_offset_mapping (needs sentencepiece >= 0.2.1): "
+                                           "install the pinned version to align normalized SentencePiece tokens")
+        out = [(r["ids"], r["offsets"]) for r in (f(texts) if texts else [])]
+    else: return None
+    if len(out) != len(texts) or any(len(i) != len(o) for i, o in out):
+        raise IntegrityError(f"{tok.name}: the offset API returned {len(out)} results for {len(texts)} texts or ids without offsets")
+    return out
+
+def _ranges(starts, lens):
+    "Concatenated aranges [s, s + n) (index arithmetic used to gather per-text slices)."
+    lens = np.asarray(lens, np.int64)
+    return np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens) + np.repeat(np.asarray(starts, np.int64), lens)
+
 def _alignment(c:Corpus, e:Encoded):
-    "Token boundaries inside each word, via a boundary mark per corpus byte and one cumulative sum."
+    """Token boundaries inside each word: a boundary mark per corpus byte and one cumulative sum. Texts whose token bytes
+    reproduce their bytes are aligned by bytes; the rest (normalizing tokenizers: WordPiece, unigram with NFKC, [UNK])
+    through the library's offsets into the original text."""
     tt = e.table
     nb = tt.nbytes[e.ids]
     cs = np.cumsum(nb)
@@ -335,11 +374,48 @@ def _alignment(c:Corpus, e:Encoded):
     if len(e.ids): first_space[has] = tt.spaced[e.ids[start_tok[has]]] & (nb[start_tok[has]] > 0)
     shift = np.where((excess == 1) & first_space, 1, 0)
     ok = (excess == 0) | (shift == 1)
-    ends = np.repeat(c.text_byte_start - before - shift, e.lens) + cs
-    if not ok.all(): ends = ends[np.repeat(ok, e.lens)]
-    nbytes_all = int(c.text_byte_start[-1] + c.n_bytes[-1]) + 2 if len(c) else 1
+    # equal length is not enough (NFKC turns "ﬁne", 5 bytes, into "▁fine", 5 bytes): compare the bytes themselves
+    cand = np.flatnonzero(ok & has)
+    if len(cand):
+        tok_pos = _ranges(start_tok[cand], e.lens[cand])
+        tid = e.ids[tok_pos]
+        stream = tt.flat[_ranges(tt.flat_start[tid], tt.nbytes[tid])]
+        n_b = total[cand]
+        local = _ranges(np.zeros(len(cand)), n_b)
+        where = np.repeat(c.text_byte_start[cand] - shift[cand], n_b) + local
+        skip = local < np.repeat(shift[cand], n_b)  # the prefix space a SentencePiece-style tokenizer adds
+        bad = (stream != c.raw[np.clip(where, 0, max(len(c.raw) - 1, 0))]) & ~skip
+        ok[cand[np.bincount(np.repeat(np.arange(len(cand)), n_b)[bad], minlength=len(cand)) > 0]] = False
+    ends = (np.repeat(c.text_byte_start - before - shift, e.lens) + cs)[np.repeat(ok, e.lens)]
+    marks = [ends]
+    redo = np.flatnonzero(~ok & has)
+    offs = token_offsets(e.source, [c.texts[i] for i in redo]) if len(redo) and e.source is not None else None
+    if offs is not None:
+        n_o = np.fromiter((len(i) for i, _ in offs), np.int64, count=len(redo))
+        o_ids = np.fromiter(itertools.chain.from_iterable(i for i, _ in offs), np.int64, count=int(n_o.sum()))
+        o_off = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(o for _, o in offs)), np.int64,
+                            count=2 * int(n_o.sum())).reshape(-1, 2)
+        same = n_o == e.lens[redo]  # the offset call must give exactly the ids of the encode pass
+        idx = np.flatnonzero(same)
+        o_pos = _ranges(np.r_[0, np.cumsum(n_o)[:-1]][idx], n_o[idx])
+        mine = e.ids[_ranges(start_tok[redo[idx]], n_o[idx])]
+        diff = np.bincount(np.repeat(np.arange(len(idx)), n_o[idx])[o_ids[o_pos] != mine], minlength=len(idx))
+        good = idx[diff == 0]
+        t_of = np.repeat(redo[good], n_o[good])
+        sel = _ranges(np.r_[0, np.cumsum(n_o)[:-1]][good], n_o[good])
+        tid, st, en = o_ids[sel], o_off[sel, 0], o_off[sel, 1]
+        keep = ~tt.blank[tid]  # a lone "▁" may claim the first character of the next word
+        t_of, st, en = t_of[keep], st[keep], en[keep]
+        boff, cstart = c.cp_bytes
+        bs, be = boff[cstart[t_of] + st], boff[cstart[t_of] + en]
+        prev = np.r_[-1, np.maximum.accumulate(be)[:-1]] if len(be) else be  # byte positions grow across texts
+        nxt = boff[np.minimum(cstart[t_of] + st + 1, len(boff) - 1)]
+        inside = ((bs < prev) | (st == en)) & (bs + 1 < nxt)  # several tokens share a character: it is split
+        marks += [bs, bs[inside] + 1]  # starts only: an end can be followed by characters the normalizer dropped (accents)
+        ok[redo[good]] = True
+    nbytes_all = len(c.raw) + 2
     mark = np.zeros(nbytes_all + 1, np.int32)
-    mark[np.clip(ends, 0, nbytes_all)] = 1
+    for m in marks: mark[np.clip(m, 0, nbytes_all)] = 1
     cm = np.cumsum(mark, dtype=np.int32)
     # boundaries at positions p with ws < p < we: cm[we-1] - cm[ws]
     inner = cm[c.word_end - 1] - cm[c.word_start]
@@ -398,7 +474,7 @@ _simple("partial_utf8_rate", None, "share of tokens whose bytes alone are not va
 class ContinuedWords(Metric):
     "Proportion of words split into two or more tokens (Rust et al. 2021)."
     name, higher_is_better = "continued_words", False
-    description = "share of words that contain a token boundary (texts whose tokens do not align with their bytes are excluded)"
+    description = "share of words that contain a token boundary (aligned by token bytes, else by the library's offsets; unalignable texts excluded)"
     def compute(self, s):
         inner, ok = s.alignment
         wg = s.text_group[s.corpus.word_text]
@@ -407,8 +483,8 @@ class ContinuedWords(Metric):
 
 @metrics.register("aligned_text_share")
 class AlignedTextShare(Metric):
-    "Share of texts whose token bytes reproduce the text (needed for `continued_words`)."
-    name, higher_is_better, description = "aligned_text_share", True, "share of texts whose concatenated token bytes equal the text bytes"
+    "Share of texts whose tokens could be aligned to the text (needed for `continued_words`)."
+    name, higher_is_better, description = "aligned_text_share", True, "share of texts whose token bytes equal the text bytes or whose library offsets give the encode pass's ids"
     def compute(self, s):
         _, ok = s.alignment
         return _div(np.bincount(s.text_group, weights=ok, minlength=s.n_groups), s.texts)
