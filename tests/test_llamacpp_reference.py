@@ -217,3 +217,21 @@ def test_bad_inputs_fail_clearly(exe, tmp_path):
         ref.tokenize(bad, ["x"])
     with pytest.raises(ValueError, match="one bool or one per text"):
         ref.tokenize("llama-2", ["a", "b"], add_special=[True])
+
+
+def test_interrupted_build_leaves_nothing_to_reuse(tmp_path, monkeypatch):
+    "A build that fails half-way neither creates the final folder nor leaves its temporary sibling behind."
+    try: ref.find_tools()
+    except ref.ToolMissingError as e: pytest.skip(str(e))
+    def fake_extract(archive, dest):
+        (dest/"include").mkdir(parents=True); (dest/"include"/"llama.h").write_text(""); return dest
+    def fake_run(cmd, log, what, cwd=None):
+        if what == "cmake build": raise ref.BuildError("interrupted (simulated)")
+    monkeypatch.setattr(ref, "sdist_path", lambda cache_dir=None: tmp_path/"sdist.tar.gz")
+    monkeypatch.setattr(ref, "_extract_llamacpp", fake_extract)
+    monkeypatch.setattr(ref, "_run", fake_run)
+    with pytest.raises(ref.BuildError, match="simulated"):
+        ref.build(cache_dir=tmp_path, verbose=False)
+    root = ref.cache_root(tmp_path)
+    assert not ref.build_dir(tmp_path).exists() and not ref.is_built(tmp_path)
+    assert [p.name for p in root.iterdir()] == [".build.lock"]
