@@ -197,3 +197,175 @@ def test_template_runs_small(name, tmp_path):
     assert m and list(out.glob("*.png"))
     if name == "tokenizer_parity":
         assert m["anchor_checks"]["cl100k_below_gpt2"] and m["anchor_checks"]["mya_shn_above_hin"]
+
+
+# --- continued words on every tokenizer family (issue #10) ---------------------------------------------------------
+
+FAMILIES = ["gpt2", "cl100k_base", "tekken-240718", "mistral-v3", "llama-2", "qwen2", "bert-minilm", "bert-bge",
+            "nomic-bert-moe"]  # tiktoken, Tekken, SentencePiece, GGUF SPM, GGUF byte-level BPE, HF WordPiece, GGUF WordPiece, GGUF unigram
+
+
+def library_offsets(tok, text):
+    "Token ids and code-point offsets of one text, straight from the backing library (one text at a time)."
+    from tokexp.tokenizers import HFTokenizer, SentencePieceTokenizer
+    if isinstance(tok, HFTokenizer):
+        e = tok.backend.encode(text, add_special_tokens=False)
+        return list(e.ids), list(e.offsets)
+    if isinstance(tok, SentencePieceTokenizer):
+        r = tok.backend.encode_as_offset_mapping(text)
+        return list(r["ids"]), list(r["offsets"])
+    return None
+
+
+def ref_continued_any(tok, text):
+    """Slow reference of the published rule, text by text: byte boundaries where the token bytes reproduce the text,
+    otherwise the starts of the library's offsets (whitespace-only tokens ignored; a character covered by several tokens
+    is split)."""
+    flags = ref_continued(tok, text)
+    tb = tok.all_token_bytes()
+    ids = tok.encode(text)
+    raw = text.encode("utf-8")
+    joined = b"".join(tb[i] for i in ids)
+    if flags is not None and (joined == raw or joined == b" " + raw): return flags
+    lo = library_offsets(tok, text)
+    if lo is None or lo[0] != ids: return None
+    cps = M.codepoints(text)
+    off = np.r_[0, np.cumsum(M.utf8_len(cps))]
+    marks, prev_end = set(), -1
+    for i, (s, e) in zip(*lo):
+        b = tb[i]
+        if b and not b.strip(): continue  # a whitespace-only token (e.g. a lone "▁") sits between words
+        bs, be = off[s], off[e]
+        marks.add(bs)  # token starts: an end may be followed by characters the normalizer removed ("có" -> "co")
+        if (bs < prev_end or s == e) and s < len(cps) and off[s] + 1 < off[s + 1]: marks.add(bs + 1)
+        prev_end = max(prev_end, be)
+    ws, we = M.word_spans(cps)
+    return [any(a < p < z for p in marks) for a, z in zip(off[ws], off[we])]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_continued_words_every_family(name, small_udhr):
+    "continued_words is defined for every family (WordPiece included) and equals the text-by-text reference."
+    tok = load_tokenizer(name)
+    tab = M.corpus_metrics(tok, small_udhr).table.set_index("group")
+    assert (tab.aligned_text_share == 1).all(), tab.aligned_text_share
+    for g in small_udhr.group_names:
+        flags = []
+        for t, gg in zip(small_udhr.texts, small_udhr.group):
+            if small_udhr.group_names[gg] == g: flags += ref_continued_any(tok, t)
+        assert tab.loc[g, "continued_words"] == pytest.approx(np.mean(flags), abs=1e-12), g
+
+
+@pytest.mark.parametrize("name", ["bert-minilm", "bert-bge"])
+def test_continued_words_wordpiece_matches_per_word_encoding(name):
+    """Independent count for WordPiece: BERT pre-tokenizes on whitespace and punctuation, so in space-delimited text
+    each of our words is tokenized exactly as when it is encoded alone; a word is continued iff it alone takes > 1 token
+    (lowercasing, accent stripping and [UNK] included)."""
+    tok = load_tokenizer(name)
+    c = M.udhr_corpus(["eng", "deu_1996", "fra", "rus", "vie"])
+    tab = M.corpus_metrics(tok, c).table.set_index("group")
+    for g in c.group_names:
+        words = []
+        for t, gg in zip(c.texts, c.group):
+            if c.group_names[gg] != g: continue
+            cps = M.codepoints(t)
+            words += ["".join(map(chr, cps[a:z])) for a, z in zip(*M.word_spans(cps))]
+        enc = tok.encode_batch(words)
+        ref = np.mean([len(e) > 1 for e in enc])
+        assert tab.loc[g, "continued_words"] == pytest.approx(ref, abs=1e-12), g
+    assert tab.loc["eng", "continued_words"] < tab.loc["vie", "continued_words"] or tab.loc["eng", "continued_words"] < 0.2
+
+
+def test_continued_words_normalizing_toy():
+    """Accents stripped (decomposed and precomposed), case folded, [UNK], a ligature: boundaries come from offsets into
+    the original text; per-word encoding is the reference."""
+    import unicodedata
+    tok = load_tokenizer("bert-minilm")
+    text = "Héllo unaffable wörld " + unicodedata.normalize("NFD", "có các") + " ကမ္ဘာ ﬁne"
+    c = M.Corpus([text], ["a"])
+    tab = M.corpus_metrics(tok, c, [M.metrics["continued_words"](), M.metrics["aligned_text_share"]()], pooled=False).table
+    cps = M.codepoints(text)
+    words = ["".join(map(chr, cps[a:z])) for a, z in zip(*M.word_spans(cps))]
+    flags = [len(tok.encode(w)) > 1 for w in words]
+    assert flags[:6] == [False, True, False, False, True, False]  # hello | una ##ffa ##ble | world | co | ca ##c | [UNK]...
+    assert tab.aligned_text_share.iloc[0] == 1 and tab.continued_words.iloc[0] == pytest.approx(np.mean(flags))
+
+
+# --- vocabulary audit: user-defined and padding tokens, letters class (issue #10) -----------------------------------
+
+PAD_RE = r"\[pad\w*\]|<\|pad\w*\|>|<pad(?:_\w*)?>"
+
+
+def ref_audit(tok):
+    """Direct per-token loop of the category rules on a GGUF vocabulary: metadata pad id (unless it doubles as another
+    role) and pad-named tokens -> pad; control/unknown/unused -> special; USER_DEFINED -> user_defined; byte pieces ->
+    byte; otherwise content class of the token text with one leading word-boundary space allowed."""
+    import re
+    import regex
+    from tokexp.tokenizers import TOKEN_USER_DEFINED, TOKEN_BYTE, TOKEN_CONTROL, TOKEN_UNKNOWN, TOKEN_UNUSED
+    v = tok.vocab
+    tb = tok.all_token_bytes()
+    roles = {int(x) for k, x in v.meta.items() if re.fullmatch(r"tokenizer\.ggml\.\w+_token_id", k) and k != "tokenizer.ggml.padding_token_id"}
+    pad_id = v.meta.get("tokenizer.ggml.padding_token_id")
+    cats, contents = [], []
+    for i, (t, ty) in enumerate(zip(v.tokens, v.types.tolist())):
+        b = tb[i]
+        if pad_id is not None and i == int(pad_id) and i not in roles: cat = "pad"
+        elif i not in roles and re.fullmatch(PAD_RE, t, re.I) and ty != TOKEN_BYTE: cat = "pad"
+        elif ty in (TOKEN_CONTROL, TOKEN_UNKNOWN, TOKEN_UNUSED): cat = "special"
+        elif ty == TOKEN_USER_DEFINED: cat = "user_defined"
+        elif ty == TOKEN_BYTE or (len(b) == 1 and b[0] >= 0x80): cat = "byte"
+        elif not b: cat = "empty"
+        else:
+            try: b.decode("utf-8"); cat = "text"
+            except UnicodeDecodeError: cat = "partial_utf8"
+        cats.append(cat)
+        if cat != "text": contents.append(cat); continue
+        s = b.decode("utf-8")
+        body = s[1:] if s.startswith(" ") else s
+        if all(regex.fullmatch(r"\s", ch) for ch in s): con = "whitespace"
+        elif body and all(regex.fullmatch(r"[\p{L}\p{M}]", ch) for ch in body): con = "letters"
+        elif body and all(regex.fullmatch(r"\p{N}", ch) for ch in body): con = "digits"
+        elif body and all(regex.fullmatch(r"[\p{P}\p{S}]", ch) for ch in body): con = "punct_symbol"
+        else: con = "mixed"
+        contents.append(con)
+    return np.array(cats, dtype=object), np.array(contents, dtype=object)
+
+
+@pytest.mark.parametrize("name,n_pad,n_user", [("qwen2", 290, 0), ("command-r", 972, 28)])
+def test_vocab_audit_pad_and_user_defined(name, n_pad, n_user):
+    "Categories and content classes equal the per-token loop on the real vocabularies; pads are not text."
+    tok = load_tokenizer(name)
+    a = M.vocab_audit(tok)
+    cats, contents = ref_audit(tok)
+    assert (a.category.to_numpy() == cats).all(), a[a.category.to_numpy() != cats].head()
+    assert (a.content.to_numpy() == contents).all(), a[a.content.to_numpy() != contents].head()
+    assert (a.category == "pad").sum() == n_pad and (a.category == "user_defined").sum() == n_user
+    names = np.array(tok.vocab.tokens, dtype=object)
+    assert not a.category[[n.startswith("[PAD") for n in names]].eq("text").any()
+    if name == "qwen2":  # pad id 151643 is also bos/eos: a special token, padding by convention only
+        assert a.loc[151643, "category"] == "special"
+        assert set(a.pad_source[a.category == "pad"]) == {"name"}
+    else:
+        assert a.loc[0, "category"] == "pad" and a.loc[0, "pad_source"] == "metadata"
+
+
+def test_vocab_audit_letters_exclude_whitespace():
+    a = M.vocab_audit("qwen2").set_index("id")
+    tok = load_tokenizer("qwen2")
+    tab_if = [i for i, t in enumerate(tok.vocab.tokens) if t == "\u0109if"]  # byte-level "\tif"
+    assert tab_if and a.loc[tab_if[0], "content"] != "letters"
+    the = tok.encode(" the")
+    assert len(the) == 1 and a.loc[the[0], "category_detail"] == "spaced_letters"
+    g = M.vocab_audit("gpt2")
+    txt = g[g.content == "letters"].text
+    assert not txt.str[1:].str.contains(r"\s").any() and not txt.str.match(r"\s\s").any()
+
+
+def test_vocab_audit_pad_sources_other_formats():
+    "Pad metadata where the format has it (GGUF padding_token_id, SentencePiece pad_id); names otherwise (HF here)."
+    bge = M.vocab_audit("bert-bge")
+    assert bge.loc[0, "category"] == "pad" and bge.loc[0, "pad_source"] == "metadata"
+    mini = M.vocab_audit("bert-minilm")
+    assert mini.loc[0, "category"] == "pad" and mini.loc[0, "pad_source"] == "name"
+    assert (mini.category == "special").sum() == 4
