@@ -312,16 +312,17 @@ class ZeroTPrune(EncoderPruner):
         n, prot = state.n, state.protected
         r = max(n - k, 0)
         r_s = int(round(self.s_frac*r))
-        s_drop = torch.zeros(0, dtype=torch.long)
+        dev = state.attn.device
+        s_drop = torch.zeros(0, dtype=torch.long, device=dev)
         if r_s > 0:
             rank = self.head_importance(state.attn, self.pre_iters)  # I′-stage: ranking only
-            s_drop = similarity_prune(state.keys if self.sim == "keys" else state.hidden, rank, r_s, prot)
-        alive = torch.ones(n, dtype=torch.bool); alive[s_drop] = False
+            s_drop = similarity_prune(state.keys if self.sim == "keys" else state.hidden, rank, r_s, prot).to(dev)
+        alive = torch.ones(n, dtype=torch.bool, device=dev); alive[s_drop] = False
         surv = alive.nonzero().squeeze(1)
         sub = state.attn[:, surv][:, :, surv].float()
         sub = sub/sub.sum(-1, keepdim=True).clamp_min(torch.finfo(sub.dtype).tiny)
-        keep = surv[topk_keep(self.head_importance(sub, self.iters), k, prot[surv])]  # I-stage on the survivors
-        dropped = torch.ones(n, dtype=torch.bool); dropped[keep] = False; dropped[s_drop] = False
+        keep = surv[topk_keep(self.head_importance(sub, self.iters), k, prot[surv]).to(dev)]  # I-stage on the survivors
+        dropped = torch.ones(n, dtype=torch.bool, device=dev); dropped[keep] = False; dropped[s_drop] = False
         return {"keep": keep, "s_drop": s_drop, "i_drop": dropped.nonzero().squeeze(1)}
 
     def select(self, state, k): return self.plan(state, k)["keep"]
