@@ -333,3 +333,231 @@ def test_zoo_template_small(tmp_path):
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["n_tokenizers"] == 3 and m["lossless_all_roundtrip"] and m["n_gguf_exact"] == 2
     assert (tmp_path / "zoo.png").is_file() and (tmp_path / "benchmark.png").is_file()
+
+
+# ---------------------------------------------------------------- llama.cpp's rules, re-implemented as direct loops
+# Each reference below follows llama.cpp's published code path (src/llama-vocab.cpp, unicode.cpp of the pinned
+# llama-cpp-python sdist) literally, one code point or one symbol at a time, on short strings; the adapter must agree.
+import re as _re, sys as _sys, time as _time, unicodedata as _ud
+
+_LLAMA_WS = {0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029, 0x202F,
+             0x205F, 0x3000}  # unicode_set_whitespace
+
+
+def _vocab(name):
+    return T.GGUFVocab.from_file(assets.asset_file("llama-cpp-vocab", T.ZOO[name].path))
+
+
+def _ref_wpm(text, tokens, unk_id, lowercase=True, strip_accents=True, maxlen=None):
+    """llm_tokenizer_wpm_session: NFD -> first code point, drop \\p{C}/\\p{M}, split at whitespace and punctuation,
+    then greedy longest match of '▁'+word over the token texts, the whole word -> UNK when a position has no match."""
+    words, cur = [], ""
+    for ch in text:
+        cp = ord(_ud.normalize("NFD", ch)[0]) if strip_accents else ord(ch)
+        cat = _ud.category(chr(cp))
+        if cp in _LLAMA_WS:
+            if cur: words.append(cur); cur = ""
+            continue
+        if cp == 0 or cp == 0xFFFD or cat in ("Cc", "Cf", "Co", "Cs"): continue
+        if strip_accents and cat[0] == "M": continue
+        s = chr(cp).lower()[0] if lowercase else chr(cp)
+        if cat[0] == "P" or (cp < 0x7F and cat[0] == "S") or 0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF \
+                or 0x20000 <= cp <= 0x2A6DF or 0x2A700 <= cp <= 0x2B81F or 0x2B920 <= cp <= 0x2CEAF \
+                or 0xF900 <= cp <= 0xFAFF or 0x2F800 <= cp <= 0x2FA1F:
+            if cur: words.append(cur)
+            words.append(s); cur = ""
+        else: cur += s
+    if cur: words.append(cur)
+    t2i = {t: i for i, t in enumerate(tokens)}
+    out = []
+    for w in words:
+        w1, n, i, ids = "\u2581" + w, len(w) + 1, 0, []
+        while i < n:
+            j = next((j for j in range(n if maxlen is None else min(n, i + maxlen), i, -1) if w1[i:j] in t2i), None)
+            if j is None: ids = []; break
+            ids.append(t2i[w1[i:j]]); i = j
+        out += ids or [unk_id]
+    return out
+
+
+def _ref_spm(text, tokens, scores, types):
+    """llm_tokenizer_spm_session: ' ' prefix, spaces -> '▁', merge the adjacent pair of highest score (leftmost on
+    ties) while the pair is a token, then unknown symbols -> their <0xNN> bytes."""
+    t2i = {t: i for i, t in enumerate(tokens)}
+    syms = list((" " + text).replace(" ", "\u2581"))
+    while True:
+        best = None
+        for k in range(len(syms) - 1):
+            i = t2i.get(syms[k] + syms[k + 1])
+            if i is not None and (best is None or scores[i] > best[0]): best = (scores[i], k)
+        if best is None: break
+        k = best[1]; syms[k:k + 2] = [syms[k] + syms[k + 1]]
+    out = []
+    for s in syms:
+        if s in t2i: out.append(t2i[s])
+        else: out += [t2i[f"<0x{b:02X}>"] for b in s.encode("utf-8")]
+    return out
+
+
+def _spm_normalizer(charsmap, **kw):
+    """sentencepiece's own normalizer (the C++ library) loaded with a GGUF's precompiled charsmap."""
+    import sentencepiece as spm
+    def varint(n):
+        out = bytearray()
+        while True:
+            b, n = n & 0x7F, n >> 7
+            out.append(b | 0x80 if n else b)
+            if not n: return bytes(out)
+    fb = lambda k, b: varint(k << 3 | 2) + varint(len(b)) + b
+    fv = lambda k, x: varint(k << 3) + varint(int(x))
+    spec = (fb(1, b"gguf") + fb(2, charsmap) + fv(3, kw.get("add_dummy_prefix", False))
+            + fv(4, kw.get("remove_extra_whitespaces", False)) + fv(5, kw.get("escape_whitespaces", False)))
+    return spm.SentencePieceNormalizer(normalizer_spec=spec)
+
+
+def _ref_ugm(text, v, normalizer):
+    """llm_tokenizer_ugm_session on already normalized text: Viterbi over normal/user-defined/unused pieces
+    (control and unknown pieces are not candidates), unknown code points cost min(normal score) - 10, runs of UNK merge."""
+    s = normalizer.normalize(text)
+    cand = {t: (0.0 if ty == T.TOKEN_USER_DEFINED else float(sc)) for t, ty, sc in zip(v.tokens, v.types.tolist(), v.scores)
+            if ty in (T.TOKEN_NORMAL, T.TOKEN_USER_DEFINED, T.TOKEN_UNUSED)}
+    ids = {t: i for i, t in enumerate(v.tokens)}
+    unk, unk_score = v.special["unk"], float(v.scores[v.types == T.TOKEN_NORMAL].min()) - 10
+    L = max(map(len, cand))
+    best = [(-float("inf"), None, None)] * (len(s) + 1); best[0] = (0.0, None, None)
+    for i in range(len(s)):
+        single = False
+        for j in range(i + 1, min(len(s), i + L) + 1):
+            if s[i:j] in cand:
+                single |= j == i + 1
+                sc = best[i][0] + cand[s[i:j]]
+                if sc > best[j][0]: best[j] = (sc, i, ids[s[i:j]])
+        if not single and best[i][0] + unk_score > best[i + 1][0]: best[i + 1] = (best[i][0] + unk_score, i, unk)
+    out, j = [], len(s)
+    while j > 0:
+        _, i, t = best[j]
+        if not (out and out[-1] == unk and t == unk): out.append(t)
+        j = i
+    return out[::-1]
+
+
+def test_gguf_special_ids_use_llamacpp_keys():
+    """unknown/padding/separator ids come from the keys llama.cpp writes (tokenizer.ggml.unknown_token_id, ...)."""
+    keys = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id", "sep": "seperator_token_id",
+            "pad": "padding_token_id", "mask": "mask_token_id", "eot": "eot_token_id"}
+    checked = 0
+    for p in gguf_files():
+        m = T.read_gguf_metadata(p)
+        v = T.GGUFVocab.from_file(p)
+        for role, k in keys.items():
+            if f"tokenizer.ggml.{k}" in m:
+                assert v.special.get(role) == int(m[f"tokenizer.ggml.{k}"]), (p.name, role); checked += 1
+    assert checked > 30
+    v = _vocab("nomic-bert-moe")
+    assert v.tokens[v.special["unk"]] == "<unk>" and v.tokens[v.special["pad"]] == "<pad>"
+
+
+def test_nomic_unknown_characters_are_unk(udhr_by_language):
+    """Tibetan is outside nomic-bert-moe's (XLM-R) vocabulary: its characters become <unk> (id 3), never </s>."""
+    from tokexp.tokmetrics import token_table
+    tok = T.load_tokenizer("nomic-bert-moe")
+    bod = next(k for k in udhr_by_language if k.startswith("bod") or k.startswith("tib"))
+    texts = udhr_by_language[bod][:20]
+    ids = np.concatenate([np.asarray(x, dtype=np.int64) for x in tok.encode_batch(texts)])
+    unk = tok.vocab.special["unk"]
+    assert tok.id_to_token(unk) == "<unk>"
+    assert (ids == unk).mean() > 0.1
+    assert not np.isin(ids, [tok.vocab.special["eos"], tok.vocab.special["bos"], tok.vocab.special["pad"]]).any()
+    assert token_table(tok).unk[ids].mean() > 0.1  # what tokmetrics' unk_rate counts
+
+
+BERT_TEXTS = ["नमस्ते दुनिया, मानव अधिकार", "தமிழ் மொழி மனித உரிமைகள்", "대한민국 헌법 제1조", "a\vb\fc\x85d e\u00a0f",
+              "Ünïcödé café naïve", "x\u200by\u00adz", "ǅ ǈ İstanbul ẞ", "日本語テキスト", "emoji 😀🦙 ok", "\u0e01\u0e34\u0e19"]
+
+
+def test_bert_gguf_normalisation_follows_llamacpp(udhr_by_language):
+    """BERT GGUF: NFD then first code point, all of \\p{M} and \\p{C} dropped, llama.cpp's whitespace set."""
+    tok = T.load_tokenizer("bert-bge")
+    v = tok.vocab
+    texts = BERT_TEXTS + [t for k in ("hin", "tam", "kor", "vie", "ell_monotonic", "rus", "arb", "tha")
+                          if k in udhr_by_language for t in udhr_by_language[k][:4]]
+    assert len(texts) > 30
+    got = tok.encode_batch(texts)
+    for t, g in zip(texts, got):
+        assert g == _ref_wpm(t, v.tokens, v.special["unk"]), t[:60]
+    assert [tok.encode(t) for t in texts] == got
+    assert tok.encode("Hi", add_special_tokens=True) == [v.special["bos"]] + _ref_wpm("Hi", v.tokens, 100) + [v.special["sep"]]
+
+
+def _ugm_names():
+    return [n for n, e in T.ZOO.items() if e.format == "gguf" and _vocab(n).model == "t5"]
+
+
+@pytest.mark.parametrize("name", ["nomic-bert-moe"])
+def test_ugm_control_pieces_not_matched_in_text(name):
+    """<s>, </s>, <pad>, <unk>, <mask> typed in plain text are text, not control tokens (llama.cpp's UGM trie
+    holds only normal, user-defined and unused pieces)."""
+    assert name in _ugm_names()
+    tok = T.load_tokenizer(name)
+    v = tok.vocab
+    ctrl = [i for i, ty in enumerate(v.types.tolist()) if ty in (T.TOKEN_CONTROL, T.TOKEN_UNKNOWN)]
+    norm = _spm_normalizer(v.charsmap, add_dummy_prefix=v.add_space_prefix, escape_whitespaces=True,
+                           remove_extra_whitespaces=v.remove_extra_whitespaces)
+    for t in ["a <s> b </s> c <pad> d", "<unk><mask></s><s>", "x</s>y", "<pad>"]:
+        ids = tok.encode(t)
+        assert not set(ids) & set(ctrl), (t, ids)
+        assert ids == _ref_ugm(t, v, norm), t
+    assert tok.encode("<s>", add_special_tokens=True)[0] == v.special["bos"]
+
+
+def test_phi3_eos_like_user_defined_is_control():
+    """phi-3 stores </s> as user-defined; llama.cpp re-marks end-of-generation-looking tokens as control, so typed
+    '</s>' is plain text for the SPM merges, and the token is special (no bytes)."""
+    tok = T.load_tokenizer("phi-3")
+    v = tok.vocab
+    eos_like = v.tokens.index("</s>")
+    assert v.types[eos_like] == T.TOKEN_USER_DEFINED
+    assert eos_like in tok.special_ids.values() and tok.token_bytes(eos_like) == b""
+    for t in ["Hello</s>world", "</s>", "a </s> b</s>"]:
+        ids = tok.encode(t)
+        assert eos_like not in ids
+        assert ids == _ref_spm(t, v.tokens, v.scores, v.types), t
+        assert tok.decode(ids) == t
+
+
+def test_ugm_charsmap_composes_long_sequences_and_hangul(udhr_by_language):
+    """Charsmap normalisation is a longest-prefix match over the whole input, as sentencepiece (and llama.cpp) do:
+    decomposed Hangul and long combining sequences compose like NFKC."""
+    v = _vocab("nomic-bert-moe")
+    ref = _spm_normalizer(v.charsmap)
+    cm = T.Charsmap(v.charsmap)
+    kor = udhr_by_language["kor"][:5]
+    samples = ["\u1112\u1161\u11ab\u1100\u1173\u11af", "e\u0301\u0301\u0301\u0301", "a\u0308\u0323\u0304\u0301\u0300",
+               "\u0915\u094d\u0937\u093f", "ＡＢＣ ﬁ ① ㈱", "\u1100\u1161" * 20, "q\u0307\u0323" * 9] \
+              + [_ud.normalize("NFD", t) for t in kor] + udhr_by_language["vie"][:3] + [_ud.normalize("NFD", t) for t in udhr_by_language["vie"][:3]]
+    for s in samples:
+        assert cm.normalize(s) == ref.normalize(s), s[:40]
+    assert cm.normalize("\u1112\u1161\u11ab") == "한" == _ud.normalize("NFKC", "\u1112\u1161\u11ab")
+    tok = T.load_tokenizer("nomic-bert-moe")
+    for t in kor:
+        assert tok.encode(_ud.normalize("NFD", t)) == tok.encode(t)
+
+
+def test_wordpiece_long_word_is_linear():
+    """llama.cpp bounds each match by the longest token, so WordPiece is linear in the word length."""
+    tok = T.load_tokenizer("bert-bge")
+    fresh = iter(range(10**9))  # a distinct suffix per word, so no per-word cache can hide the work
+    def best(make, k=3):
+        ts = []
+        for _ in range(k):
+            text = make(); t0 = _time.perf_counter(); tok.encode(text); ts.append(_time.perf_counter() - t0)
+        return min(ts)
+    # one 4000-character word against four 1000-character words: equal work for a linear algorithm
+    t_one = best(lambda: "ab" * 2000 + str(next(fresh)))
+    t_four = best(lambda: " ".join("ab" * 500 + str(next(fresh)) for _ in range(4)))
+    assert t_one < 8 * t_four + 1e-3, (t_one, t_four)
+    long = "a" * 100_000
+    t_base = best(lambda: " ".join("a" * 1000 + str(next(fresh)) for _ in range(100)), 1)
+    t0 = _time.perf_counter(); ids = tok.encode(long); t_long = _time.perf_counter() - t0
+    assert t_long < 20 * t_base + 1e-2, (t_long, t_base)
+    assert ids == _ref_wpm(long, tok.vocab.tokens, 100, maxlen=max(map(len, tok.vocab.tokens)))

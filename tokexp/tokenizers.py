@@ -6,11 +6,14 @@
 __all__ = ['adapters', 'R50K_PAT', 'CL100K_PAT', 'O200K_PAT', 'WHISPER_PAT', 'TIKTOKEN_ENCODINGS', 'WHISPER_LANGUAGES',
            'TEKKEN_DEFAULT_SPECIALS', 'LOSSLESS_PROBE', 'GGUF_PRE_TOKENIZERS', 'GGUF_PRE_ALIASES',
            'GGUF_TOKENIZER_MODELS', 'TOKEN_NORMAL', 'TOKEN_UNKNOWN', 'TOKEN_CONTROL', 'TOKEN_USER_DEFINED',
-           'TOKEN_UNUSED', 'TOKEN_BYTE', 'ZOO', 'as_text', 'Tokenizer', 'byte_to_unicode', 'unicode_to_byte',
+           'TOKEN_UNUSED', 'TOKEN_BYTE', 'GGUF_SPECIAL_ID_KEYS', 'LLAMA_ATTR_UNKNOWN', 'LLAMA_ATTR_UNUSED',
+           'LLAMA_ATTR_NORMAL', 'LLAMA_ATTR_CONTROL', 'LLAMA_ATTR_USER_DEFINED', 'LLAMA_ATTR_BYTE', 'LLAMA_ROLE_TEXTS',
+           'LLAMA_EOG_TEXTS', 'LLAMA_WHITESPACE', 'ZOO', 'as_text', 'Tokenizer', 'byte_to_unicode', 'unicode_to_byte',
            'bytelevel_piece_bytes', 'spm_piece_bytes', 'HFTokenizer', 'whisper_special_tokens', 'read_tiktoken_ranks',
            'TiktokenTokenizer', 'TekkenTokenizer', 'SentencePieceTokenizer', 'read_gguf_metadata', 'GGUFVocab',
-           'gguf_to_hf', 'GGUFTokenizer', 'ZooEntry', 'zoo', 'load_tokenizer', 'cli', 'read_llamacpp_tests',
-           'multilingual_sample', 'raw_batch_fn', 'benchmark']
+           'gguf_to_hf', 'llamacpp_token_attrs', 'partition_user_defined', 'wpm_words', 'wpm_encode_word', 'Charsmap',
+           'GGUFTokenizer', 'ZooEntry', 'zoo', 'load_tokenizer', 'cli', 'read_llamacpp_tests', 'multilingual_sample',
+           'raw_batch_fn', 'benchmark']
 
 # %% ../nbs/02_tokenizers.ipynb #dc095e62
 import base64, functools, hashlib, json, mmap, os, re, struct, sys, time
@@ -576,6 +579,14 @@ GGUF_TOKENIZER_MODELS = {"llama": "SPM (SentencePiece BPE over scores)", "gpt2":
 
 # %% ../nbs/02_tokenizers.ipynb #c7e2ca2c
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+GGUF_SPECIAL_ID_KEYS = {  # role -> the key llama.cpp reads (llama-arch.cpp LLM_KV_TOKENIZER_*_ID; "seperator" is its spelling)
+    **{r: f"tokenizer.ggml.{r}_token_id" for r in ("bos", "eos", "eot", "eom", "mask", "fim_pre", "fim_suf", "fim_mid",
+                                                   "fim_pad", "fim_rep", "fim_sep")},
+    "unk": "tokenizer.ggml.unknown_token_id", "sep": "tokenizer.ggml.seperator_token_id",
+    "pad": "tokenizer.ggml.padding_token_id", "cls": "tokenizer.ggml.cls_token_id",  # cls: read for reference, llama.cpp ignores it
+    "prefix": "tokenizer.ggml.prefix_token_id", "suffix": "tokenizer.ggml.suffix_token_id",  # deprecated FIM keys
+    "middle": "tokenizer.ggml.middle_token_id",
+}
 
 @dataclass
 class GGUFVocab:
@@ -597,6 +608,11 @@ class GGUFVocab:
     strip_accents: bool
     charsmap: bytes|None
     meta: dict = field(repr=False, default_factory=dict)
+
+    @functools.cached_property
+    def attrs(self)->np.ndarray:
+        "llama.cpp's attribute bits of every token, after its by-name re-marking (`llamacpp_token_attrs`)."
+        return llamacpp_token_attrs(self.tokens, self.types, self.special)
 
     @classmethod
     def from_file(cls, path:str|Path)->"GGUFVocab":
@@ -627,9 +643,9 @@ class GGUFVocab:
         dflt = {"llama": dict(bos=1, eos=2, unk=0), "bert": dict(bos=101, unk=100, sep=102, pad=0, mask=103),
                 "gpt2": dict(bos=11, eos=11), "gemma4": {}, "t5": dict(eos=1, unk=2, pad=0)}[model]
         special = {k: v for k, v in dflt.items() if v < n}
-        for role in ("bos", "eos", "eot", "eom", "unk", "sep", "pad", "mask"):
-            key = f"tokenizer.ggml.{role}_token_id" if role not in ("sep",) else "tokenizer.ggml.seperator_token_id"
-            if key in m and int(m[key]) < n: special[role] = int(m[key])
+        for role, key in GGUF_SPECIAL_ID_KEYS.items():
+            if key in m and int(m[key]) < n: special[role if role not in ("prefix", "suffix", "middle") else
+                                                      {"prefix": "fim_pre", "suffix": "fim_suf", "middle": "fim_mid"}[role]] = int(m[key])
         pre = m.get("tokenizer.ggml.pre") or "default"
         if model == "gemma4": pre = "gemma4"
         if model in ("gpt2", "gemma4") and pre not in GGUF_PRE_ALIASES:
@@ -653,9 +669,16 @@ class GGUFVocab:
 
     @property
     def special_token_ids(self)->dict[str, int]:
-        "Text -> id of control, unknown and unused tokens."
-        sp = np.flatnonzero(np.isin(self.types, [TOKEN_CONTROL, TOKEN_UNKNOWN, TOKEN_UNUSED]))
+        "Text -> id of control, unknown and unused tokens (llama.cpp's attributes, re-marking included)."
+        sp = np.flatnonzero(self.attrs & (LLAMA_ATTR_CONTROL | LLAMA_ATTR_UNKNOWN | LLAMA_ATTR_UNUSED))
         return {self.tokens[i]: int(i) for i in sp}
+
+    @property
+    def matched_user_defined(self)->list[str]:
+        "User-defined token texts llama.cpp cuts out of plain text, longest first (not control or unknown)."
+        a = self.attrs
+        ud = np.flatnonzero((a & LLAMA_ATTR_USER_DEFINED) & ~(a & (LLAMA_ATTR_CONTROL | LLAMA_ATTR_UNKNOWN)))
+        return sorted((self.tokens[i] for i in ud), key=lambda t: -len(t.encode("utf-8")))
 
 def _spm_merges(tokens:list[str], scores:np.ndarray, types:np.ndarray)->list[tuple[str, str]]:
     "BPE merges equivalent to llama.cpp's score-greedy SPM merging: every split of every token, ranked by its score."
@@ -669,6 +692,26 @@ def _spm_merges(tokens:list[str], scores:np.ndarray, types:np.ndarray)->list[tup
             if a in vocab and b in vocab: cand.append((-s, i, k, a, b))
     cand.sort()
     return [(a, b) for _, _, _, a, b in cand]
+
+def _ugm_pieces(v:GGUFVocab)->list[tuple[str, float]]:
+    "Unigram pieces as llama.cpp's UGM trie sees them: control, unknown and byte pieces can never match."
+    if v.scores is None: raise IntegrityError(f"{v.path}: unigram vocabulary without tokenizer.ggml.scores")
+    a, sc = v.attrs, v.scores.astype(np.float64)
+    normal = (a & LLAMA_ATTR_NORMAL) != 0
+    if not normal.any(): raise IntegrityError(f"{v.path}: unigram vocabulary without a single normal token")
+    lo = float(sc[normal].min())  # llama.cpp: unknown score = min over normal tokens - 10; tokenizers: min over all pieces
+    pieces = []
+    for i, (t, s) in enumerate(zip(v.tokens, sc.tolist())):
+        if a[i] & LLAMA_ATTR_USER_DEFINED: pieces.append((t, 0.0))  # llama.cpp scores user-defined pieces 0
+        elif a[i] & LLAMA_ATTR_NORMAL: pieces.append((t, s))
+        elif a[i] & LLAMA_ATTR_UNUSED:  # unused pieces are candidates in llama.cpp
+            if s >= lo: pieces.append((t, s))
+            elif len(t) > 1 and s < len(t) * (lo - 10):  # never on a best path: each of its code points costs at most lo-10
+                pieces.append((f"{t} \x00unused{i}", lo))
+            else: raise ConfigError(f"{v.path}: unused piece {t!r} scores {s} below the lowest normal score {lo}; this "
+                                    "unigram layout is not supported (tokenizers would lower the unknown score with it)")
+        else: pieces.append((f"{t} \x00noncandidate{i}", lo))  # control/unknown/byte; a raw space: normalised UGM text has none
+    return pieces
 
 def gguf_to_hf(v:GGUFVocab):
     "A `tokenizers.Tokenizer` reproducing llama.cpp's tokenization of GGUF vocabulary `v`."
@@ -709,25 +752,20 @@ def gguf_to_hf(v:GGUFVocab):
             elif t.startswith("\u2581"): key = t[1:]
             else: key = "##" + t
             wp.setdefault(key, i)
-        tok = HFTok(models.WordPiece(vocab=wp, unk_token=unk or "[UNK]", max_input_chars_per_word=1 << 30))
+        tok = HFTok(models.WordPiece(vocab=wp, unk_token=unk or "[UNK]", max_input_chars_per_word=100))
         tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
                                                     strip_accents=v.strip_accents, lowercase=v.lowercase)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
     elif v.model == "t5":
-        if v.scores is None: raise IntegrityError(f"{v.path}: unigram vocabulary without tokenizer.ggml.scores")
-        tok = HFTok(models.Unigram([(t, float(s)) for t, s in zip(toks, v.scores)], unk_id=v.special.get("unk", 0),
-                                   byte_fallback=has_bytes))
-        norms = ([normalizers.Precompiled(v.charsmap)] if v.charsmap else [])
-        if v.remove_extra_whitespaces: norms += [normalizers.Strip(), normalizers.Replace(Regex(" {2,}"), " ")]
-        tok.normalizer = normalizers.Sequence(norms)
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581",
-                                                     prepend_scheme="always" if v.add_space_prefix else "never", split=False)
+        tok = HFTok(models.Unigram(_ugm_pieces(v), unk_id=v.special.get("unk", 0), byte_fallback=False))
+        # no normalizer or pre-tokenizer: GGUFTokenizer feeds llama.cpp-normalised fragments (`ugm_normalize`)
         tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always" if v.add_space_prefix else "never")
+        return tok
     special_ids = set(v.special_token_ids.values())
     tok.add_special_tokens([AddedToken(toks[i], special=True, normalized=False) for i in sorted(special_ids)])
-    ud = np.flatnonzero(types == TOKEN_USER_DEFINED)
-    if len(ud): tok.add_tokens([AddedToken(toks[i], special=False, normalized=False) for i in ud])
+    ud = v.matched_user_defined
+    if ud: tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ud])
     first = [k for k, on in (("bos", v.add_bos), ("cls", False)) if on and k in v.special]
     last = [k for k, on in (("eos", v.add_eos), ("sep", v.add_sep)) if on and k in v.special]
     if first or last:
@@ -735,6 +773,182 @@ def gguf_to_hf(v:GGUFVocab):
         single = " ".join([f"${k}" for k in []] + [toks[ids[k]] for k in first] + ["$A"] + [toks[ids[k]] for k in last])
         tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=[(toks[i], i) for i in set(ids.values())])
     return tok
+
+# %% ../nbs/02_tokenizers.ipynb #a1c0de02
+LLAMA_ATTR_UNKNOWN, LLAMA_ATTR_UNUSED, LLAMA_ATTR_NORMAL, LLAMA_ATTR_CONTROL, LLAMA_ATTR_USER_DEFINED, LLAMA_ATTR_BYTE = 1, 2, 4, 8, 16, 32
+_TYPE_TO_ATTR = {TOKEN_UNKNOWN: LLAMA_ATTR_UNKNOWN, TOKEN_UNUSED: LLAMA_ATTR_UNUSED, TOKEN_NORMAL: LLAMA_ATTR_NORMAL,
+                 TOKEN_CONTROL: LLAMA_ATTR_CONTROL, TOKEN_USER_DEFINED: LLAMA_ATTR_USER_DEFINED, TOKEN_BYTE: LLAMA_ATTR_BYTE}
+# token texts llama.cpp's `llama_vocab::impl::load` detects by name (roles it fills when the file leaves them unset)
+LLAMA_ROLE_TEXTS = {
+    "eot": ["<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>", "<EOT>", "_<EOT>",
+            "[EOT]", "<｜end▁of▁sentence｜>", "<end_of_utterance>"],
+    "eom": ["<|eom_id|>"],
+    "fim_pre": ["<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>", "▁<PRE>", "<|code_prefix|>", "<|prefix|>"],
+    "fim_suf": ["<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>", "▁<SUF>", "<|code_suffix|>", "<|suffix|>"],
+    "fim_mid": ["<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>", "▁<MID>", "<|code_middle|>", "<|middle|>"],
+    "fim_pad": ["<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"],
+    "fim_rep": ["<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"],
+    "fim_sep": ["<|file_sep|>"],
+}
+# end-of-generation texts: always re-marked control, whatever type the file gives them
+LLAMA_EOG_TEXTS = ["<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>", "<end_of_turn>",
+                   "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]", "<|end_of_text|>",
+                   "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>", "<｜end▁of▁sentence｜>", "[e~["]
+
+def llamacpp_token_attrs(tokens:list[str], # token texts
+                         types:np.ndarray, # GGUF token types (TOKEN_*)
+                         special:dict[str, int], # role -> id, as read from the file (roles set there are not re-detected)
+                        )->np.ndarray:
+    "llama.cpp's token attributes (LLAMA_ATTR_* bit masks) after its by-name re-marking of special tokens."
+    attrs = np.array([_TYPE_TO_ATTR.get(int(t), 0) for t in types], dtype=np.int32)
+    t2i = {t: i for i, t in enumerate(tokens)}
+    eog = set()
+    for role, texts in LLAMA_ROLE_TEXTS.items():
+        if role in special: continue
+        found = sorted(t2i[t] for t in texts if t in t2i)
+        if found:  # llama.cpp takes the first in hash-map order; with one candidate (the usual case) that is this one
+            special = {**special, role: found[0]}
+            attrs[found[0]] |= LLAMA_ATTR_CONTROL
+    for i in np.flatnonzero(attrs & LLAMA_ATTR_CONTROL):
+        if "unused" in tokens[i]: attrs[i] |= LLAMA_ATTR_UNUSED
+    eog |= {special[r] for r in ("fim_pad", "fim_rep", "fim_sep") if r in special}
+    for t in LLAMA_EOG_TEXTS:
+        if t in t2i: eog.add(t2i[t]); attrs[t2i[t]] |= LLAMA_ATTR_CONTROL
+    for t in ("<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"):  # gpt-oss: always rendered
+        if t in t2i: attrs[t2i[t]] = LLAMA_ATTR_USER_DEFINED
+    eog |= {special[r] for r in ("eos", "eot", "eom") if r in special}
+    txt = {tokens[i] for i in eog if 0 <= i < len(tokens)}
+    if "<|end|>" in txt and (("<|return|>" in txt and "<|call|>" in txt) or ({"<|call|>", "<|calls|>"} & txt and "<|flush|>" in txt)):
+        attrs[t2i["<|end|>"]] = LLAMA_ATTR_USER_DEFINED  # o200k_harmony / solar-open: <|end|> is text
+    if "</s>" in txt and {"<|tool_response>", "<|plamo:eos|>"} & txt:
+        attrs[t2i["</s>"]] = LLAMA_ATTR_NORMAL  # gemma4 / plamo: </s> is an ordinary token
+    return attrs
+
+def partition_user_defined(text:str, # raw text
+                           matched:list[str], # user-defined token texts matched in text (llama.cpp: not control/unknown)
+                           t2i:dict[str, int], # token text -> id
+                          )->list[str|int]:
+    "llama.cpp's `tokenizer_st_partition` without special parsing: cut `matched` tokens out, longest token first."
+    frags = [text]
+    for t in matched:
+        if not any(isinstance(f, str) and t in f for f in frags): continue
+        out = []
+        for f in frags:
+            if isinstance(f, int) or t not in f: out.append(f); continue
+            parts = f.split(t)
+            for k, p in enumerate(parts):
+                if k: out.append(t2i[t])
+                if p: out.append(p)
+        frags = out
+    return [f for f in frags if f != ""]
+
+
+# %% ../nbs/02_tokenizers.ipynb #a1c0de05
+LLAMA_WHITESPACE = frozenset([0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029,
+                              0x202F, 0x205F, 0x3000])  # llama.cpp's unicode_set_whitespace
+_WPM_CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+            (0x2B920, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))  # llm_tokenizer_wpm_session::is_chinese_char
+
+class _WPMTable(dict):
+    "str.translate table of llama.cpp's WPM preprocessing, filled lazily per code point."
+    def __init__(self, lowercase:bool, strip_accents:bool):
+        super().__init__(); self.lowercase, self.strip_accents = lowercase, strip_accents
+    def __missing__(self, cp):
+        import unicodedata
+        ch = chr(cp)
+        d = unicodedata.normalize("NFD", ch)[0] if self.strip_accents else ch  # first code point of the NFD
+        c, cat = ord(d), unicodedata.category(d)
+        if c in LLAMA_WHITESPACE: r = " "
+        elif c == 0 or c == 0xFFFD or cat in ("Cc", "Cf", "Co", "Cs"): r = ""  # \p{C}; unassigned (Cn) is kept
+        elif self.strip_accents and cat[0] == "M": r = ""  # every combining mark: Mn, Mc, Me
+        else:
+            s = d.lower()[0] if self.lowercase else d
+            alone = cat[0] == "P" or (c < 0x7F and cat[0] == "S") or any(a <= c <= b for a, b in _WPM_CJK)
+            r = f" {s} " if alone else s
+        self[cp] = r
+        return r
+
+@functools.lru_cache(maxsize=4)
+def _wpm_table(lowercase:bool, strip_accents:bool)->_WPMTable: return _WPMTable(lowercase, strip_accents)
+
+def wpm_words(text:str, # raw text
+              lowercase:bool=True, # tokenizer.ggml.normalizer.lowercase
+              strip_accents:bool=True, # tokenizer.ggml.normalizer.strip_accents
+             )->list[str]:
+    "The words llama.cpp's WPM preprocessing makes of `text` (normalised, split at whitespace and punctuation)."
+    return text.translate(_wpm_table(lowercase, strip_accents)).split()
+
+def wpm_encode_word(word:str, # one preprocessed word
+                    t2i:dict[str, int], # token text -> id (WPM tokens: '▁word' starts a word, 'piece' continues one)
+                    max_len:int, # longest token, in code points
+                    unk_id:int, # id for a word that cannot be covered
+                   )->list[int]:
+    "Greedy longest-match-first over '▁'+`word`, each match bounded by `max_len`: O(len(word) * max_len)."
+    w, ids, i = "\u2581" + word, [], 0
+    n = len(w)
+    while i < n:
+        for j in range(min(n, i + max_len), i, -1):
+            t = t2i.get(w[i:j])
+            if t is not None: ids.append(t); i = j; break
+        else: return [unk_id]  # llama.cpp discards the partial match: the whole word is unknown
+    return ids
+
+
+# %% ../nbs/02_tokenizers.ipynb #a1c0de08
+class Charsmap:
+    "A precompiled SentencePiece charsmap: longest-prefix replacement over the whole input, as sentencepiece and llama.cpp do."
+    def __init__(self, blob:bytes, # tokenizer.ggml.precompiled_charsmap
+                ):
+        if len(blob) < 4: raise IntegrityError(f"precompiled charsmap of {len(blob)} bytes is truncated (need at least 4)")
+        n = struct.unpack_from("<I", blob, 0)[0]
+        if n % 4 or 4 + n > len(blob):
+            raise IntegrityError(f"precompiled charsmap: XCDA size {n} does not fit the {len(blob)}-byte blob (corrupt file)")
+        a = np.frombuffer(blob, dtype="<u4", count=n // 4, offset=4).astype(np.int64)
+        # each 32-bit unit packs BASE (bits 10-30, shifted by 8 when bit 9 is set), LEAF (bit 8), LCHECK (bits 0-7, 31)
+        self._base = ((a >> 10) << ((a & (1 << 9)) >> 6)).tolist()
+        self._lcheck = (a & ((1 << 31) | 0xFF)).tolist()
+        self._leaf = ((a >> 8) & 1).astype(bool).tolist()
+        self._value = (a & ((1 << 31) - 1)).tolist()
+        self._repl, self._repl_cache = blob[4 + n:], {}
+        self._root = self._base[0] if self._base else 0
+        lead = [c for c in range(1, 256) if (self._root ^ c) < len(self._lcheck) and self._lcheck[self._root ^ c] == c]
+        self._lead = re.compile(b"[" + b"".join(re.escape(bytes([c])) for c in lead) + b"]") if lead else None
+
+    def _replacement(self, off:int)->bytes:
+        r = self._repl_cache.get(off)
+        if r is None:
+            end = self._repl.find(b"\0", off)
+            if off >= len(self._repl) or end < 0: raise IntegrityError(f"precompiled charsmap: replacement at {off} is unterminated")
+            r = self._repl_cache[off] = self._repl[off:end]
+        return r
+
+    def normalize(self, text:str, # text to normalise
+                 )->str:
+        "`text` with the longest matching rule applied at each position, left to right."
+        if self._lead is None or not text: return text
+        b = text.encode("utf-8")
+        base, lcheck, leaf, value, size = self._base, self._lcheck, self._leaf, self._value, len(self._base)
+        out, pos, n = [], 0, len(b)
+        for m in self._lead.finditer(b):  # lead bytes never occur inside a UTF-8 sequence: these are code point starts
+            i = m.start()
+            if i < pos: continue
+            node, best, off, j = self._root, 0, 0, i
+            while j < n:
+                c = b[j]
+                node ^= c
+                if c == 0 or node >= size or lcheck[node] != c: break
+                is_leaf = leaf[node]
+                node ^= base[node]
+                if is_leaf:
+                    if node >= size: raise IntegrityError("precompiled charsmap: leaf points outside the XCDA array")
+                    best, off = j + 1, value[node]
+                j += 1
+            if best: out.append(b[pos:i]); out.append(self._replacement(off)); pos = best
+        out.append(b[pos:])
+        try: return b"".join(out).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise IntegrityError(f"precompiled charsmap produced invalid UTF-8 ({e}); its rules are not whole characters") from None
+
 
 # %% ../nbs/02_tokenizers.ipynb #1d8da4eb
 @adapters.register("gguf")
@@ -749,6 +963,60 @@ class GGUFTokenizer(HFTokenizer):
         self.byte_fallback = bool((vocab.types == TOKEN_BYTE).any())
         self._special = vocab.special_token_ids
         self._n = len(vocab.tokens)
+        self._t2i = {t: i for i, t in enumerate(vocab.tokens)}
+        self._ud = vocab.matched_user_defined
+        if vocab.model == "bert":
+            self._wpm_max = max(map(len, vocab.tokens))
+            self._wpm_cache = {}
+        if vocab.model == "t5":
+            self._charsmap = Charsmap(vocab.charsmap) if vocab.charsmap else None
+            a = vocab.attrs  # user-defined tokens not cut out before (re-marked control) still pass the charsmap unchanged
+            keep = sorted((vocab.tokens[i] for i in np.flatnonzero((a & LLAMA_ATTR_USER_DEFINED) & (a & LLAMA_ATTR_CONTROL))),
+                          key=lambda t: -len(t.encode("utf-8")))
+            self._ugm_keep = re.compile("(" + "|".join(map(re.escape, keep)) + ")") if keep else None
+
+    def ugm_normalize(self, text:str, # one fragment of raw text (no user-defined token inside)
+                     )->str:
+        "llama.cpp's UGM normalisation: charsmap, then spaces -> '▁' with the space prefix / whitespace merging of the file."
+        v = self.vocab
+        if v.model != "t5": raise ConfigError(f"{self.name}: ugm_normalize is for unigram (t5) GGUF vocabularies, this is {v.model!r}")
+        cm = self._charsmap.normalize if self._charsmap else (lambda x: x)
+        if self._ugm_keep is None: s = cm(text)
+        else: s = "".join(p if k % 2 else cm(p) for k, p in enumerate(self._ugm_keep.split(text)))
+        if v.remove_extra_whitespaces: return "".join("\u2581" + w for w in s.split(" ") if w)
+        out = s.replace(" ", "\u2581")
+        if v.add_space_prefix:
+            k = len(s) - len(s.lstrip(" "))
+            if k < len(s): out = out[:k] + "\u2581" + out[k:]
+        return out
+
+    def _wpm_word(self, w:str)->list[int]:
+        ids = self._wpm_cache.get(w)
+        if ids is None:
+            if len(self._wpm_cache) > 1_000_000: self._wpm_cache.clear()
+            ids = self._wpm_cache[w] = wpm_encode_word(w, self._t2i, self._wpm_max, self.vocab.special["unk"])
+        return ids
+
+    def _encode(self, text, add_special_tokens):
+        if self.vocab.model not in ("bert", "t5"): return super()._encode(text, add_special_tokens)
+        return self._encode_batch([text], add_special_tokens)[0]
+
+    def _encode_batch(self, texts, add_special_tokens):
+        "bert and t5 run llama.cpp's own text rules here; the other types are fully expressed in the `tokenizers` object."
+        v = self.vocab
+        if v.model not in ("bert", "t5"): return super()._encode_batch(texts, add_special_tokens)
+        frags = [partition_user_defined(t, self._ud, self._t2i) if self._ud else ([t] if t else []) for t in texts]
+        if v.model == "bert":
+            enc = lambda f: [i for w in wpm_words(f, v.lowercase, v.strip_accents) for i in self._wpm_word(w)]
+            out = [[i for f in fs for i in ([f] if isinstance(f, int) else enc(f))] for fs in frags]
+            first, last = [v.special["bos"]], [v.special["sep"]]  # llama.cpp's WPM always adds both
+        else:
+            norm = [self.ugm_normalize(f) for fs in frags for f in fs if isinstance(f, str)]
+            enc = iter([e.ids for e in self._tok.encode_batch_fast(norm, add_special_tokens=False)] if norm else [])
+            out = [[i for f in fs for i in ([f] if isinstance(f, int) else next(enc))] for fs in frags]
+            first = [v.special["bos"]] if v.add_bos and "bos" in v.special else []
+            last = [v.special["eos"]] if v.add_eos and "eos" in v.special else []
+        return [first + o + last for o in out] if add_special_tokens else out
 
     @classmethod
     def from_file(cls, path:str|Path, name:str|None=None, family:str="")->"GGUFTokenizer":
@@ -760,12 +1028,13 @@ class GGUFTokenizer(HFTokenizer):
     def _token_bytes_table(self):
         v = self.vocab
         out = []
-        for t, ty in zip(v.tokens, v.types.tolist()):
-            if ty == TOKEN_NORMAL:
+        for t, a in zip(v.tokens, v.attrs.tolist()):
+            if a & (LLAMA_ATTR_CONTROL | LLAMA_ATTR_UNKNOWN | LLAMA_ATTR_UNUSED): out.append(b"")
+            elif a & LLAMA_ATTR_USER_DEFINED: out.append(t.encode("utf-8"))
+            elif a & LLAMA_ATTR_BYTE: out.append(spm_piece_bytes(t) if _BYTE_PIECE.fullmatch(t) else bytelevel_piece_bytes(t))
+            elif a & LLAMA_ATTR_NORMAL:
                 if v.model == "gpt2": out.append(bytelevel_piece_bytes(t))
                 else: out.append(t.replace("\u2581", " ").encode("utf-8"))
-            elif ty == TOKEN_BYTE: out.append(spm_piece_bytes(t) if _BYTE_PIECE.fullmatch(t) else bytelevel_piece_bytes(t))
-            elif ty == TOKEN_USER_DEFINED: out.append(t.encode("utf-8"))
             else: out.append(b"")
         return out
 
@@ -806,7 +1075,7 @@ for _n, _f, _fam, _V in [("llama-2", "llama-spm", "Llama", 32000), ("llama-3", "
                          ("aquila", "aquila", "Aquila", 100008), ("bert-bge", "bert-bge", "BERT", 30522),
                          ("nomic-bert-moe", "nomic-bert-moe", "XLM-R", 250048)]:
     _z(_n, _fam, "gguf", "llama-cpp-vocab", _LLAMA_DIR.format(_f), _V,
-       "unigram path not verified against llama.cpp (no .inp/.out shipped)" if _f == "nomic-bert-moe" else "")
+       "no .inp/.out shipped: unigram path checked against re-implemented llama.cpp rules" if _f == "nomic-bert-moe" else "")
 for _n, _V in [("gpt2", 50257), ("r50k_base", 50257), ("p50k_base", 50281), ("cl100k_base", 100277), ("o200k_base", 200019)]:
     _z(_n, "OpenAI tiktoken", "tiktoken", "js-tiktoken", _n, _V)
 _z("whisper-gpt2", "Whisper", "tiktoken", "whisper-tiktoken", "whisper/assets/gpt2.tiktoken", 51864, "English-only Whisper vocabulary + Whisper special tokens")
@@ -968,6 +1237,7 @@ def raw_batch_fn(tok:Tokenizer):
     if isinstance(tok, TekkenTokenizer): return None
     if isinstance(tok, TiktokenTokenizer): return tok.backend.encode_ordinary_batch
     if isinstance(tok, SentencePieceTokenizer): return tok.backend.encode
+    if isinstance(tok, GGUFTokenizer) and tok.vocab.model in ("bert", "t5"): return None  # rules run in Python, not one call
     if isinstance(tok, HFTokenizer):
         b = tok.backend
         return lambda texts: [e.ids for e in b.encode_batch_fast(texts, add_special_tokens=False)]
