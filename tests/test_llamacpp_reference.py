@@ -135,7 +135,7 @@ def _compare(name, group):
 
 # ---------------------------------------------------------------- known defects (being fixed in nbs/02_tokenizers.ipynb)
 # {(group, zoo name): reason}. strict: an xfail that starts passing turns the test red, and its entry must then go.
-# Before c8496b4 this test found, and marked here: BERT normalisation (bert-bge: \\p{M} marks, NFD Hangul jamo, U+0085),
+# Before c8496b4 this test found, and marked here: BERT normalisation (bert-bge: \p{M} marks, NFD Hangul jamo, U+0085),
 # the unknown-token key and UGM control pieces and charsmap normalisation (nomic-bert-moe), EOS-like user-defined tokens
 # (phi-3 '</s>', gemma-4 '<|tool_response>'). All fixed there; every vocabulary agrees. Add a defect as
 # ("udhr" | "adversarial" | "add_special", zoo name): "what llama.cpp does vs what the adapter does".
