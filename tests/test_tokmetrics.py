@@ -228,7 +228,10 @@ def ref_continued_any(tok, text):
     joined = b"".join(tb[i] for i in ids)
     if flags is not None and (joined == raw or joined == b" " + raw): return flags
     lo = library_offsets(tok, text)
-    if lo is None or lo[0] != ids: return None
+    if lo is None or lo[0] != ids:  # the adapter pre-processes (GGUF): token texts matched against the text
+        po = M.piece_offsets(tb, M.token_table(tok).unk, text, ids)
+        if po is None: return None
+        lo = (ids, po)
     cps = M.codepoints(text)
     off = np.r_[0, np.cumsum(M.utf8_len(cps))]
     marks, prev_end = set(), -1
@@ -298,7 +301,7 @@ PAD_RE = r"\[pad\w*\]|<\|pad\w*\|>|<pad(?:_\w*)?>"
 
 def ref_audit(tok):
     """Direct per-token loop of the category rules on a GGUF vocabulary: metadata pad id (unless it doubles as another
-    role) and pad-named tokens -> pad; control/unknown/unused -> special; USER_DEFINED -> user_defined; byte pieces ->
+    role) and pad-named tokens -> pad; the adapter's specials -> special; USER_DEFINED -> user_defined; byte pieces ->
     byte; otherwise content class of the token text with one leading word-boundary space allowed."""
     import re
     import regex
@@ -307,12 +310,13 @@ def ref_audit(tok):
     tb = tok.all_token_bytes()
     roles = {int(x) for k, x in v.meta.items() if re.fullmatch(r"tokenizer\.ggml\.\w+_token_id", k) and k != "tokenizer.ggml.padding_token_id"}
     pad_id = v.meta.get("tokenizer.ggml.padding_token_id")
+    specials = set(tok.special_ids.values())  # control/unknown/unused as the adapter reads them (llama.cpp re-marking included)
     cats, contents = [], []
     for i, (t, ty) in enumerate(zip(v.tokens, v.types.tolist())):
         b = tb[i]
         if pad_id is not None and i == int(pad_id) and i not in roles: cat = "pad"
         elif i not in roles and re.fullmatch(PAD_RE, t, re.I) and ty != TOKEN_BYTE: cat = "pad"
-        elif ty in (TOKEN_CONTROL, TOKEN_UNKNOWN, TOKEN_UNUSED): cat = "special"
+        elif i in specials: cat = "special"
         elif ty == TOKEN_USER_DEFINED: cat = "user_defined"
         elif ty == TOKEN_BYTE or (len(b) == 1 and b[0] >= 0x80): cat = "byte"
         elif not b: cat = "empty"

@@ -7,11 +7,12 @@ type-token statistics, Zipf fit), parity/premium with bootstrap CIs, and digit-c
 # %% auto #0
 __all__ = ['UNSEGMENTED_SCRIPTS', 'metrics', 'POOLED', 'PAD_NAME', 'script_codes', 'scripts_of', 'script_of', 'codepoints',
            'utf8_len', 'word_spans', 'count_words', 'Corpus', 'udhr_corpus', 'TokenTable', 'token_table', 'Encoded',
-           'encode_corpus', 'CorpusStats', 'token_offsets', 'renyi_entropy', 'check_alpha', 'Metric', 'ContinuedWords',
-           'AlignedTextShare', 'Types', 'TypeTokenRatio', 'HapaxShare', 'VocabUsed', 'RenyiEfficiency', 'ZipfFit',
-           'default_metrics', 'MetricResult', 'corpus_metrics', 'train_bpe', 'gini', 'parity', 'fairness_summary',
-           'token_roles', 'vocab_audit', 'vocab_summary', 'vocab_jaccard', 'roundtrip_audit', 'digit_groups',
-           'chunk_pattern', 'digit_profile', 'digit_policy', 'evaluate_tokenizers', 'benchmark_suite']
+           'encode_corpus', 'CorpusStats', 'token_offsets', 'piece_offsets', 'renyi_entropy', 'check_alpha', 'Metric',
+           'ContinuedWords', 'AlignedTextShare', 'Types', 'TypeTokenRatio', 'HapaxShare', 'VocabUsed',
+           'RenyiEfficiency', 'ZipfFit', 'default_metrics', 'MetricResult', 'corpus_metrics', 'train_bpe', 'gini',
+           'parity', 'fairness_summary', 'token_roles', 'vocab_audit', 'vocab_summary', 'vocab_jaccard',
+           'roundtrip_audit', 'digit_groups', 'chunk_pattern', 'digit_profile', 'digit_policy', 'evaluate_tokenizers',
+           'benchmark_suite']
 
 # %% ../nbs/10_tokmetrics.ipynb #edf0417c
 import functools, itertools, math, re, time, warnings
@@ -352,6 +353,41 @@ def token_offsets(tok:Tokenizer, # the tokenizer that produced the ids
         raise IntegrityError(f"{tok.name}: the offset API returned {len(out)} results for {len(texts)} texts or ids without offsets")
     return out
 
+def _nkey(s:str)->str:
+    "Comparison form surviving tokenizer normalizers: NFKD, marks (BERT strips Mn, llama.cpp's WPM all M) and whitespace dropped, case folded."
+    import unicodedata
+    return "".join(ch for ch in unicodedata.normalize("NFKD", s) if unicodedata.category(ch)[0] != "M" and not ch.isspace()).casefold()
+
+def piece_offsets(tb:list[bytes], # token bytes (`Tokenizer.all_token_bytes()`)
+                  unk:np.ndarray, # unknown-token flags (`TokenTable.unk`)
+                  text:str, # the original text
+                  ids:Sequence[int], # its tokens
+                  max_skip:int=4, # characters (in `_nkey` form) a tokenizer may drop between two tokens
+                 )->list[tuple[int, int]]|None:
+    "Code-point offsets of each token found by matching its text against the text, both in `_nkey` form; None if they do not match."
+    keys, where = [], []
+    for i, ch in enumerate(text):
+        k = _nkey(ch); keys.append(k); where += [i] * len(k)
+    ks = "".join(keys); where.append(len(text))
+    pos, after_unk, out = 0, False, []
+    for t in ids:
+        b = tb[t]
+        if not b:
+            out.append((where[pos], where[pos]) if not unk[t] else (where[pos], where[pos] + 1)); after_unk |= bool(unk[t]); continue
+        try: p = _nkey(b.decode("utf-8"))
+        except UnicodeDecodeError: return None
+        if not p: out.append((where[pos], where[pos])); continue
+        if after_unk:  # an [UNK] covers an unknown stretch (at least one character): resume at the next match
+            q = ks.find(p, pos + 1)
+            if q < 0: return None
+            pos, after_unk = q, False
+        elif not ks.startswith(p, pos):  # the tokenizer may drop a few characters (controls, marks): resync close by
+            q = ks.find(p, pos, pos + len(p) + max_skip)
+            if q < 0: return None
+            pos = q
+        out.append((where[pos], where[pos + len(p) - 1] + 1)); pos += len(p)
+    return out
+
 def _ranges(starts, lens):
     "Concatenated aranges [s, s + n) (index arithmetic used to gather per-text slices)."
     lens = np.asarray(lens, np.int64)
@@ -374,8 +410,10 @@ def _alignment(c:Corpus, e:Encoded):
     if len(e.ids): first_space[has] = tt.spaced[e.ids[start_tok[has]]] & (nb[start_tok[has]] > 0)
     shift = np.where((excess == 1) & first_space, 1, 0)
     ok = (excess == 0) | (shift == 1)
-    # equal length is not enough (NFKC turns "ﬁne", 5 bytes, into "▁fine", 5 bytes): compare the bytes themselves
+    # for tokenizers that may change the text, equal length is not enough (NFKC turns "ﬁne", 5 bytes, into "▁fine", 5
+    # bytes): compare the bytes themselves
     cand = np.flatnonzero(ok & has)
+    if e.source is not None and e.source.lossless: cand = cand[:0]  # the adapter guarantees bytes in = bytes out
     if len(cand):
         tok_pos = _ranges(start_tok[cand], e.lens[cand])
         tid = e.ids[tok_pos]
@@ -390,6 +428,13 @@ def _alignment(c:Corpus, e:Encoded):
     marks = [ends]
     redo = np.flatnonzero(~ok & has)
     offs = token_offsets(e.source, [c.texts[i] for i in redo]) if len(redo) and e.source is not None else None
+    if len(redo) and e.source is not None:  # where the library has no offsets for these ids (the adapter pre-processes): pieces
+        offs, tb = list(offs) if offs is not None else [None] * len(redo), e.source.all_token_bytes()
+        for k, t in enumerate(redo):
+            mine = e.ids[start_tok[t]:start_tok[t] + e.lens[t]].tolist()
+            if offs[k] is None or list(offs[k][0]) != mine:
+                po = piece_offsets(tb, tt.unk, c.texts[t], mine)
+                offs[k] = (mine, po) if po is not None else ([], [])
     if offs is not None:
         n_o = np.fromiter((len(i) for i, _ in offs), np.int64, count=len(redo))
         o_ids = np.fromiter(itertools.chain.from_iterable(i for i, _ in offs), np.int64, count=int(n_o.sum()))
