@@ -20,7 +20,11 @@ TORCH_PIP_ARGS ?=
 LOCK := requirements.lock
 PIP := $(BIN)/pip install -q --disable-pip-version-check
 $(STAMP): pyproject.toml $(LOCK)
-	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@test -x $(BIN)/python || { $(PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null \
+	  || { echo "requirements.lock is for CPython 3.11, but '$(PY)' is $$($(PY) --version 2>&1 || echo missing): run with PY=python3.11 (e.g. make test PY=python3.11)"; exit 1; }; \
+	  $(PY) -m venv $(VENV); }
+	@$(BIN)/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
+	  || { echo "$(VENV) runs $$($(BIN)/python --version), but requirements.lock is for CPython 3.11: remove $(VENV) and rerun with PY=python3.11"; exit 1; }
 	$(PIP) torch==2.13.0 $(TORCH_PIP_ARGS)
 	$(PIP) --no-deps --require-hashes -r $(LOCK)
 	$(PIP) --no-deps --no-build-isolation -e .
