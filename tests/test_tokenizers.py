@@ -543,22 +543,45 @@ def test_ugm_charsmap_composes_long_sequences_and_hangul(udhr_by_language):
         assert tok.encode(_ud.normalize("NFD", t)) == tok.encode(t)
 
 
-def test_wordpiece_long_word_is_linear():
-    """llama.cpp bounds each match by the longest token, so WordPiece is linear in the word length."""
+class _CountingVocab(dict):
+    "token text -> id that counts every lookup (the work of a longest-match WordPiece)."
+    n = 0
+    def get(self, k, d=None): self.n += 1; return super().get(k, d)
+    def __getitem__(self, k): self.n += 1; return super().__getitem__(k)
+    def __contains__(self, k): self.n += 1; return super().__contains__(k)
+
+
+def _quadratic_wpm_word(word, t2i, max_len, unk_id, _bounded=T.wpm_encode_word):
+    "Reference of the bug: longest match tried from the end of the word (not bounded by the longest token)."
+    return _bounded(word, t2i, len(word) + 1, unk_id)
+
+
+def _wpm_lookups(tok, monkeypatch, n_short, k=16):
+    "Vocabulary lookups to encode one k*n_short-character word and k n_short-character words (fresh words, empty cache)."
+    def lookups(text):
+        with monkeypatch.context() as m:
+            m.setattr(tok, "_t2i", _CountingVocab(tok._t2i)); m.setattr(tok, "_wpm_cache", {})
+            tok.encode(text)
+            return tok._t2i.n
+    many = lookups(" ".join("ab" * (n_short // 2) + str(i) for i in range(k)))
+    one = lookups("ab" * (k * n_short // 2))
+    assert many >= k * n_short // 2, f"the WordPiece matcher no longer looks tokens up in `_t2i` ({many} lookups): update this test"
+    return one, many
+
+
+def _linear(one, many): return one < 1.5 * many  # linear: about equal; unbounded longest match: ~k times more
+
+
+def test_wordpiece_long_word_is_linear(monkeypatch):
+    """llama.cpp bounds each match by the longest token, so WordPiece is linear in the word length: counted in
+    vocabulary lookups (deterministic, unlike wall-clock time on a loaded machine)."""
     tok = T.load_tokenizer("bert-bge")
-    fresh = iter(range(10**9))  # a distinct suffix per word, so no per-word cache can hide the work
-    def best(make, k=3):
-        ts = []
-        for _ in range(k):
-            text = make(); t0 = _time.perf_counter(); tok.encode(text); ts.append(_time.perf_counter() - t0)
-        return min(ts)
-    # one 16000-character word against sixteen 1000-character words: equal work for a linear algorithm
-    # (the unbounded WordPiece took ~20x longer on the long word)
-    t_many = best(lambda: " ".join("ab" * 500 + str(next(fresh)) for _ in range(16)))
-    t_one = best(lambda: "ab" * 8000 + str(next(fresh)), 2)
-    assert t_one < 5 * t_many + 1e-3, (t_one, t_many)
+    got = _wpm_lookups(tok, monkeypatch, 1000)
+    assert _linear(*got), got
     long = "a" * 100_000
-    t_base = best(lambda: " ".join("a" * 1000 + str(next(fresh)) for _ in range(100)), 1)
-    t0 = _time.perf_counter(); ids = tok.encode(long); t_long = _time.perf_counter() - t0
-    assert t_long < 20 * t_base + 1e-2, (t_long, t_base)
+    ids = tok.encode(long)
     assert ids == _ref_wpm(long, tok.vocab.tokens, 100, maxlen=max(map(len, tok.vocab.tokens)))
+    # the same check rejects the unbounded matcher (on shorter words: it is quadratic)
+    monkeypatch.setattr(T, "wpm_encode_word", _quadratic_wpm_word)
+    quad = _wpm_lookups(tok, monkeypatch, 125)
+    assert not _linear(*quad), quad
