@@ -503,6 +503,30 @@ def test_query_buffer_bounded_over_long_generation(name):
         assert all(e["buffer_bytes"] < 10 * q_bytes for e in ev.events)
 
 
+def test_buffer_bytes_after_exit_raises_and_keeps_the_exit_size():
+    "After the with block evict's buffers are freed: kv_bytes(cache, ev) refuses instead of adding 0; exit_buffer_bytes keeps the size."
+    import weakref
+    m = tiny("llama")
+    ev = evict(m, make_policy("h2o", budget=0.25), every=0)
+    assert ev.buffer_bytes() == 0 and ev.exit_buffer_bytes is None  # not entered yet: nothing held
+    with torch.no_grad(), ev:
+        out = m.generate(ids(40, seed=12), max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+        cache = out.past_key_values
+        inside = kv_bytes(cache, ev) - kv_bytes(cache)
+        held = [t for t in ev._st.past if t is not None]
+        direct = sum(t.numel() * t.element_size() for t in held)  # H2O, every=0: only carried scores are held
+        refs = [weakref.ref(t) for t in held]
+        del held
+    assert inside == direct > 0
+    assert ev.exit_buffer_bytes == inside
+    assert all(r() is None for r in refs), "evict's buffers should be freed when the with block ends"
+    with pytest.raises(InputError, match="closed"):
+        kv_bytes(cache, ev)
+    with pytest.raises(InputError, match="exit_buffer_bytes"):
+        ev.buffer_bytes()
+    kv_bytes(cache)  # the cache itself is still measurable
+
+
 # ---------------------------------------------------------------- TOVA and SnapKV as published (issue #10)
 def _rand_qk(hq, hkv, nq, nk, d=16, seed=0):
     g = torch.Generator().manual_seed(seed)

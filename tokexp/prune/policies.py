@@ -379,7 +379,7 @@ def cache_layers(cache, n_layers:int|None=None)->list:
 def kv_bytes(cache, # a transformers cache (DynamicCache)
              ev=None, # optional `evict` context: its bookkeeping (buffered queries, carried scores) is added
             )->int:
-    "Bytes held by the key and value tensors of a transformers cache (plus `ev`'s eviction buffers when given)."
+    "Bytes held by the key and value tensors of a transformers cache (plus `ev`'s eviction buffers when given; inside its `with` block)."
     n = sum(t.numel() * t.element_size() for l in cache_layers(cache) for t in (l.keys, l.values) if isinstance(t, torch.Tensor))
     return n + (ev.buffer_bytes() if ev is not None else 0)
 
@@ -421,12 +421,18 @@ class evict:
                 raise ConfigError(f"transformers {_tf_version()}: {type(m).__name__}.forward takes no `attention_mask`, which "
                                   f"KV eviction sets per layer; this transformers version is not supported")
         self.events, self.notes, self._handles, self._st = [], [], [], None
+        self.exit_buffer_bytes, self._closed = None, False  # bytes of bookkeeping held when the block ended (freed then)
 
     def buffer_bytes(self)->int:
         "Bytes of eviction bookkeeping held beside the cache now: buffered queries, carried scores, kept-padding flags."
+        if self._closed:
+            raise InputError(f"this evict context is closed: its buffers ({self.exit_buffer_bytes} bytes at exit, kept in "
+                             "`ev.exit_buffer_bytes`) were freed when the with block ended. Measure kv_bytes(cache, ev) inside "
+                             "the block, or add ev.exit_buffer_bytes to kv_bytes(cache) for the footprint at exit")
         return 0 if self._st is None else self._st.buffer_bytes()
 
     def __enter__(self):
+        self._closed, self.exit_buffer_bytes = False, None
         try:
             self._handles.append(self.model.register_forward_pre_hook(self._model_pre, with_kwargs=True))
             self._handles.append(self.model.register_forward_hook(self._model_post, with_kwargs=True))
@@ -444,7 +450,8 @@ class evict:
         try:
             for h in self._handles: h.remove()
         finally:
-            self._handles, self._st = [], None
+            self.exit_buffer_bytes = 0 if self._st is None else self._st.buffer_bytes()
+            self._handles, self._st, self._closed = [], None, True  # the bookkeeping is dropped (freed) here
 
 # %% ../../nbs/41_prune.ipynb #9d3a86ab
 def _model_pre(self:evict, module, args, kwargs):
