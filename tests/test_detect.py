@@ -165,6 +165,25 @@ def test_bench_detectors(models, texts):
     assert r["max_rel_diff"] < 1e-3
 
 
+def test_two_model_stats_prefixes_only_vocab_mismatches(monkeypatch):
+    """two_model_stats names Binoculars in VocabMismatchError from token_stats, by type, and passes other InputErrors on
+    unchanged, even when their text mentions truncate_vocab."""
+    import tokexp.lm
+    from tokexp.lm import VocabMismatchError
+    class Tok:
+        def get_vocab(self): return {"a": 0, "b": 1}
+    pair = (None, Tok())
+    def raising(err):
+        def f(*a, **k): raise err
+        return f
+    monkeypatch.setattr(tokexp.lm, "token_stats", raising(VocabMismatchError("output widths 10 and 12 differ")))
+    with pytest.raises(VocabMismatchError, match="^Binoculars / two-model Fast-DetectGPT: output widths 10 and 12 differ$"):
+        two_model_stats(pair, pair, ["x"])
+    monkeypatch.setattr(tokexp.lm, "token_stats", raising(InputError("truncate_vocab must be a bool, got 'yes'")))
+    with pytest.raises(InputError, match="^truncate_vocab must be a bool, got 'yes'$"):
+        two_model_stats(pair, pair, ["x"], truncate_vocab="yes")
+
+
 def test_binoculars_output_width_mismatch_needs_opt_in(models, texts):
     """Same tokenizer, output layers of different widths (here: one model with 32 extra, heavily weighted logits):
     Binoculars / two-model Fast-DetectGPT refuse unless truncate_vocab=True, which compares over the first V ids."""

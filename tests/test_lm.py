@@ -246,6 +246,23 @@ def test_save_load_and_cache(tiny, tiny_path, tmp_path):
     assert sub.text_hashes == [ts.text_hashes[3], ts.text_hashes[0]] and sub.hidden.shape[0] == 2
 
 
+def test_vocab_mismatches_raise_vocab_mismatch_error(tiny):
+    """Both vocabulary refusals (different token → id maps; same tokenizer, different output widths) raise
+    VocabMismatchError, an InputError subclass callers can catch without reading the message."""
+    import copy
+    from tokexp.lm import VocabMismatchError
+    assert issubclass(VocabMismatchError, InputError)
+    m, tok = tiny
+    other_tok = train_tokenizer(["completely different words in another corpus entirely"] * 50 + TEXTS, vocab_size=TINY.vocab_size)
+    with pytest.raises(VocabMismatchError, match="different vocabularies"): check_same_vocab(tok, other_tok)
+    with pytest.raises(VocabMismatchError, match="different vocabularies"): token_stats(m, tok, TEXTS, other=(m, other_tok))
+    wide = copy.deepcopy(m)
+    wide.resize_token_embeddings(m.get_output_embeddings().weight.shape[0] + 8, mean_resizing=False)
+    with pytest.raises(VocabMismatchError, match="truncate_vocab=True"): token_stats(m, tok, TEXTS, other=(wide, tok))
+    with pytest.raises(InputError) as e: token_stats(m, tok, ["ok text", ""])  # other bad input is not a vocabulary mismatch
+    assert not isinstance(e.value, VocabMismatchError)
+
+
 def test_two_models_with_different_output_widths_need_opt_in(tiny):
     """Two models that share a tokenizer but have output layers of different widths: cross statistics refuse to cut the
     wider one to the narrower one's ids unless truncate_vocab=True, which then equals comparing over the first V ids."""

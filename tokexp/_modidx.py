@@ -293,6 +293,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                            'tokexp.lm.TokenStats.mean': ('lm.html#tokenstats.mean', 'tokexp/lm.py'),
                            'tokexp.lm.TokenStats.per_text': ('lm.html#tokenstats.per_text', 'tokexp/lm.py'),
                            'tokexp.lm.TokenStats.xent': ('lm.html#tokenstats.xent', 'tokexp/lm.py'),
+                           'tokexp.lm.VocabMismatchError': ('lm.html#vocabmismatcherror', 'tokexp/lm.py'),
                            'tokexp.lm._atomic_dir': ('lm.html#_atomic_dir', 'tokexp/lm.py'),
                            'tokexp.lm._check_texts': ('lm.html#_check_texts', 'tokexp/lm.py'),
                            'tokexp.lm._deterministic': ('lm.html#_deterministic', 'tokexp/lm.py'),

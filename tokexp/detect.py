@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .core import Registry, ConfigError, InputError, IntegrityError, AssetMissingError, atomic_write, write_json, read_json, sha256_file
-from .lm import TokenStats, STAT_FIELDS, CROSS_FIELDS, check_same_vocab
+from .lm import TokenStats, STAT_FIELDS, CROSS_FIELDS, check_same_vocab, VocabMismatchError
 
 # %% ../nbs/30_detect.ipynb #409d5519
 def masked_sum(x:np.ndarray, # [N, T] per-token values
@@ -180,12 +180,10 @@ def two_model_stats(scoring, # (model, tokenizer): p, whose log-probs are scored
                    )->TokenStats:
     "TokenStats of `scoring` with cross statistics against `reference` (one pass per model); same vocabulary and output width required."
     from tokexp.lm import token_stats
-    try: check_same_vocab(scoring[1], reference[1], ("scoring model", "reference model"))
-    except InputError as e: raise InputError(f"Binoculars / two-model Fast-DetectGPT: {e}") from None
-    try: return token_stats(scoring[0], scoring[1], texts, other=reference, **kwargs)
-    except InputError as e:
-        if "truncate_vocab" in str(e): raise InputError(f"Binoculars / two-model Fast-DetectGPT: {e}") from None
-        raise
+    try:
+        check_same_vocab(scoring[1], reference[1], ("scoring model", "reference model"))
+        return token_stats(scoring[0], scoring[1], texts, other=reference, **kwargs)
+    except VocabMismatchError as e: raise VocabMismatchError(f"Binoculars / two-model Fast-DetectGPT: {e}") from None
 
 # %% ../nbs/30_detect.ipynb #1f1dec1f
 def available_detectors(stats:TokenStats, other_stats:TokenStats|None=None)->tuple[list[str], dict[str, str]]:

@@ -7,8 +7,9 @@ __all__ = ['LM_DOMAINS', 'SPLIT_SALT', 'HELDOUT_EVERY', 'LMS', 'DEFAULT_LMS', 'C
            'STAT_FIELDS', 'CROSS_FIELDS', 'TOKENSTATS_VERSION', 'split_records', 'lm_split', 'LMSpec', 'hf_config',
            'count_params', 'lm_corpus', 'corpus_sha', 'tokenizer_key', 'train_tokenizer', 'pack_documents', 'lr_at',
            'fit_lm', 'lm_cache_dir', 'model_key', 'lm_path', 'shared_tokenizer', 'train_lm', 'toy_corpus',
-           'resolve_device', 'load_lm', 'text_hash', 'TokenStats', 'sliding_windows', 'vocab_hash', 'check_same_vocab',
-           'model_context', 'token_stats', 'model_identity', 'cached_token_stats', 'benchmark_token_stats', 'cli']
+           'resolve_device', 'load_lm', 'text_hash', 'TokenStats', 'sliding_windows', 'VocabMismatchError',
+           'vocab_hash', 'check_same_vocab', 'model_context', 'token_stats', 'model_identity', 'cached_token_stats',
+           'benchmark_token_stats', 'cli']
 
 # %% ../nbs/20_lm.ipynb #64dcde1f
 import argparse, contextlib, hashlib, json, math, os, shutil, sys, tempfile, time, warnings
@@ -535,17 +536,20 @@ def sliding_windows(L:int, # sequence length (BOS included)
         start = min(start + stride, L - W)
 
 # %% ../nbs/20_lm.ipynb #0a260739
+class VocabMismatchError(InputError):
+    "Two models cannot be compared token by token: different vocabularies or output widths."
+
 def vocab_hash(tokenizer)->str:
     "stable_hash of the tokenizer's token → id dict."
     return stable_hash(sorted(tokenizer.get_vocab().items()))
 
 def check_same_vocab(tok_a, tok_b, names:tuple[str, str]=("model", "other"))->None:
-    "Raise `InputError` unless the two tokenizers map exactly the same tokens to the same ids."
+    "Raise `VocabMismatchError` unless the two tokenizers map exactly the same tokens to the same ids."
     va, vb = tok_a.get_vocab(), tok_b.get_vocab()
     if va == vb: return
     only_a = sorted(set(va) - set(vb))[:5]; only_b = sorted(set(vb) - set(va))[:5]
     moved = [t for t in va if t in vb and va[t] != vb[t]][:5]
-    raise InputError(f"{names[0]} and {names[1]} use different vocabularies ({len(va)} vs {len(vb)} tokens; "
+    raise VocabMismatchError(f"{names[0]} and {names[1]} use different vocabularies ({len(va)} vs {len(vb)} tokens; "
                      f"only in {names[0]}: {only_a}; only in {names[1]}: {only_b}; different ids: {moved}). "
                      "Two-model statistics need models that share one tokenizer, e.g. ref-small with ref-small-s2 or ref-llama.")
 
@@ -620,7 +624,7 @@ def token_stats(model, # a causal LM (eval mode is enforced for the call)
     Vm = [m.get_output_embeddings().weight.shape[0] if m.get_output_embeddings() is not None else m.config.vocab_size
           for m in (model, omodel) if m is not None]
     if len(Vm) == 2 and Vm[0] != Vm[1] and not truncate_vocab:
-        raise InputError(f"{_model_name(model)} has {Vm[0]} output logits and {_model_name(omodel)} has {Vm[1]}, although they share a "
+        raise VocabMismatchError(f"{_model_name(model)} has {Vm[0]} output logits and {_model_name(omodel)} has {Vm[1]}, although they share a "
                          "tokenizer: cross statistics (Binoculars, two-model Fast-DetectGPT) compare the two next-token distributions "
                          f"entry by entry, so comparing them means cutting both to the first {min(Vm)} ids, which drops the wider "
                          "model's extra tokens and renormalizes its softmax over a smaller set (every cross statistic changes). Use two "
