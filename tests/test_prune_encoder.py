@@ -269,14 +269,21 @@ def _loop_wpr(a, iters):
     return s
 
 
+def _loop_vhf_ok(scores, v_min, v_max):
+    "The variance-based head filter per head: v_min ≤ Var_h ≤ v_max, Var_h taken on the scores scaled to mean 1."
+    ok = []
+    for row in scores:
+        n = len(row)
+        x = [v/(sum(row)/n) for v in row]  # mean 1: our documented reading of the paper's scale
+        ok.append(v_min <= sum((v - 1)**2 for v in x)/n <= v_max)
+    return ok
+
+
 def _loop_eir_vhf(scores, v_min, v_max):
     "EIR aggregation with the variance-based head filter: sqrt(Σ_h s_h² η(v_min ≤ Var_h ≤ v_max) / Σ_h η(·))."
     H, n = len(scores), len(scores[0])
-    ok = []
-    for h in range(H):
-        mu = sum(scores[h])/n
-        ok.append(v_min <= sum((v - mu)**2 for v in scores[h])/n <= v_max)
-    if not any(ok): ok = [True]*H  # no head passes: all heads (documented fallback)
+    ok = _loop_vhf_ok(scores, v_min, v_max)
+    if not any(ok): ok = [True]*H  # no head passes (0/0): all heads — documented, and reported by ZeroTPrune
     return [math.sqrt(sum(scores[h][i]**2 for h in range(H) if ok[h])/sum(ok)) for i in range(n)]
 
 
@@ -330,6 +337,55 @@ def test_vhf_matches_published_formula():
     st = _zt_state(8, heads=4, seed=5)
     want = _loop_eir_vhf([_loop_wpr(st.attn[h].tolist(), 30) for h in range(4)], 0.01, 0.7)
     np.testing.assert_allclose(ZeroTPrune(keep=0.5).importance(st).double().numpy(), want, atol=1e-6)
+
+
+def _sharpness_heads(n, seed, sharp=(0.05, 0.2, 1.5, 2.0, 10.0)):
+    "Softmax attention [heads, n, n], one head per logit scale (near-uniform … near one-hot), plus a [CLS]-sink head."
+    g = torch.Generator().manual_seed(seed)
+    sc = torch.tensor(sharp, dtype=torch.float64)[:, None, None]
+    heads = torch.softmax(torch.randn(len(sharp), n, n, generator=g, dtype=torch.float64)*sc, -1)
+    sink = torch.randn(n, n, generator=g, dtype=torch.float64); sink[:, 0] += 6.0
+    return torch.cat([heads, torch.softmax(sink, -1)[None]])
+
+
+@pytest.mark.parametrize("n", [30, 128])
+def test_vhf_filters_heads_of_real_wpr_scores(n):
+    "On real WPR output (summing to one per head) the default range must drop some heads and keep others, at any n."
+    from tokexp.prune.encoder import eir_vhf
+    s = weighted_pagerank(_sharpness_heads(n, seed=n), 30)
+    np.testing.assert_allclose(s.sum(-1).numpy(), 1.0, atol=1e-5)  # the scale that made every head fail at n ≥ 100
+    ok = _loop_vhf_ok(s.tolist(), 0.01, 0.7)
+    # near-uniform heads (logit scale 0.05, 0.2: Var < 0.002), the peaked head (10.0: Var > 1.3) and the sink head
+    # (Var > 14) are filtered out, the two moderate heads (1.5, 2.0: Var in 0.03–0.31) pass, for seeds 1–4 as well
+    assert ok == [False, False, True, True, False, False], ok
+    np.testing.assert_allclose(eir_vhf(s).numpy(), _loop_eir_vhf(s.tolist(), 0.01, 0.7), rtol=1e-5)
+    np.testing.assert_allclose(ZeroTPrune(keep=0.5).importance(LayerState(torch.zeros(n, 4), _sharpness_heads(n, seed=n))).numpy(),
+                               _loop_eir_vhf(s.tolist(), 0.01, 0.7), rtol=1e-5)
+    from tokexp.prune.encoder import vhf_heads
+    assert vhf_heads(s).tolist() == ok
+    assert vhf_heads(s*7.0).tolist() == ok  # independent of how the scores are normalised
+
+
+def test_vhf_reports_heads_and_fallback():
+    "ZeroTPrune reports how many heads pass the filter per stage; when none does, the fallback is noted, not silent."
+    n = 30
+    st = LayerState(torch.randn(n, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64),
+                    _sharpness_heads(n, seed=3), torch.randn(n, 6*4, dtype=torch.float64), layer=2)
+    zp = ZeroTPrune(keep=0.5)
+    k = zp.budget(n)
+    plan = zp.plan(st, k)
+    want_pre = sum(_loop_vhf_ok(weighted_pagerank(st.attn, 1).tolist(), 0.01, 0.7))
+    assert plan["heads_pre"] == want_pre and plan["heads"] > 0
+    assert zp.prune(st).note == ""
+    # every head near-uniform: nothing passes, all heads are aggregated, and the Reduction says so
+    flat = LayerState(st.hidden, torch.softmax(0.01*torch.randn(7, n, n, dtype=torch.float64), -1), st.keys, layer=4)
+    plan = zp.plan(flat, k)
+    assert plan["heads_pre"] == 0 and plan["heads"] == 0
+    s = weighted_pagerank(flat.attn, 30)
+    np.testing.assert_allclose(zp.importance(flat).numpy(), (s**2).mean(0).sqrt().numpy(), rtol=1e-5)
+    note = zp.prune(flat).note
+    assert "no head passed the variance filter" in note and "layer 4" in note and "all 7 heads" in note, note
+    assert ZeroTPrune(keep=0.5, var_range=None).prune(flat).note == ""
 
 
 @pytest.mark.parametrize("n", [7, 12, 25])
