@@ -373,3 +373,17 @@ def test_vocab_audit_pad_sources_other_formats():
     mini = M.vocab_audit("bert-minilm")
     assert mini.loc[0, "category"] == "pad" and mini.loc[0, "pad_source"] == "name"
     assert (mini.category == "special").sum() == 4
+
+
+@pytest.mark.parametrize("name,exact", [("bert-bge", False), ("nomic-bert-moe", False), ("qwen2", True), ("llama-2", True),
+                                        ("bert-minilm", True)])
+def test_token_offsets_only_for_exact_backends(name, exact):
+    """GGUF WordPiece and unigram ids come from the adapter's own llama.cpp rules, not from the `tokenizers` object:
+    its offsets belong to other ids, so `token_offsets` gives None there (and the library's offsets, with the
+    adapter's ids, elsewhere)."""
+    tok = load_tokenizer(name)
+    assert tok.backend_exact is exact
+    texts = ["Héllo wörld, ﬁne CAFÉ", "naïve   x</s>y"]
+    got = M.token_offsets(tok, texts)
+    if not exact: assert got is None
+    else: assert [list(i) for i, _ in got] == [tok.encode(t) for t in texts] and [tuple(o) for _, o in got] == [tuple(o) for o in (library_offsets(tok, t)[1] for t in texts)]

@@ -819,6 +819,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'tokexp.tokmetrics._token_table_cached': ('tokmetrics.html#_token_table_cached', 'tokexp/tokmetrics.py'),
                                    'tokexp.tokmetrics._type_counts': ('tokmetrics.html#_type_counts', 'tokexp/tokmetrics.py'),
                                    'tokexp.tokmetrics._valid_utf8': ('tokmetrics.html#_valid_utf8', 'tokexp/tokmetrics.py'),
+                                   'tokexp.tokmetrics._word_start': ('tokmetrics.html#_word_start', 'tokexp/tokmetrics.py'),
                                    'tokexp.tokmetrics.benchmark_suite': ('tokmetrics.html#benchmark_suite', 'tokexp/tokmetrics.py'),
                                    'tokexp.tokmetrics.check_alpha': ('tokmetrics.html#check_alpha', 'tokexp/tokmetrics.py'),
                                    'tokexp.tokmetrics.chunk_pattern': ('tokmetrics.html#chunk_pattern', 'tokexp/tokmetrics.py'),

@@ -52,6 +52,7 @@ class Tokenizer:
     lossless: bool = True
     byte_fallback: bool = False
     byte_level: bool = False
+    backend_exact: bool = True  # the library object (`backend`, where there is one) gives this adapter's ids
 
     def __init__(self, name:str, # zoo name or file name
                  family:str="", # family label, e.g. "Llama"
@@ -714,7 +715,7 @@ def _ugm_pieces(v:GGUFVocab)->list[tuple[str, float]]:
     return pieces
 
 def gguf_to_hf(v:GGUFVocab):
-    "A `tokenizers.Tokenizer` reproducing llama.cpp's tokenization of GGUF vocabulary `v`."
+    "A `tokenizers.Tokenizer` for GGUF vocabulary `v`: llama.cpp's whole tokenizer for gpt2, gemma4 and llama; only the matcher for bert and t5."
     from tokenizers import Tokenizer as HFTok, AddedToken, Regex, models, normalizers, pre_tokenizers, decoders, processors
     toks, types = v.tokens, v.types
     vocab = {t: i for i, t in enumerate(toks)}
@@ -953,13 +954,14 @@ class Charsmap:
 # %% ../nbs/02_tokenizers.ipynb #1d8da4eb
 @adapters.register("gguf")
 class GGUFTokenizer(HFTokenizer):
-    "A llama.cpp GGUF vocabulary, converted to a fast `tokenizers` object that reproduces llama.cpp's ids."
+    "A llama.cpp GGUF vocabulary, tokenized as llama.cpp does (a `tokenizers` object, plus llama.cpp's own text rules for bert and t5)."
     format = "gguf"
     def __init__(self, vocab:GGUFVocab, name:str|None=None, family:str=""):
         self.vocab = vocab
         super().__init__(gguf_to_hf(vocab), name=name or vocab.path.name, family=family, piece_mode="gguf",
                          lossless=vocab.model in ("gpt2", "gemma4", "llama") and (vocab.model == "gpt2" or bool((vocab.types == TOKEN_BYTE).any())))
         self.byte_level = vocab.model == "gpt2"
+        self.backend_exact = vocab.model not in ("bert", "t5")  # there `_encode_batch` runs llama.cpp's rules around `backend`
         self.byte_fallback = bool((vocab.types == TOKEN_BYTE).any())
         self._special = vocab.special_token_ids
         self._n = len(vocab.tokens)

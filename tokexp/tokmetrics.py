@@ -339,8 +339,9 @@ def _type_counts(g, enc):
 def token_offsets(tok:Tokenizer, # the tokenizer that produced the ids
                   texts:Sequence[str], # the texts
                  )->list[tuple[list[int], list[tuple[int, int]]]]|None:
-    "Per text: (ids, code-point [start, end) of each token in the *original* text) from the library's offset API; None if it has none."
+    "Per text: (ids, code-point [start, end) of each token in the *original* text) from the library's offset API; None if it has none or it is not what gives the adapter's ids."
     texts = list(texts)
+    if not tok.backend_exact: return None  # the adapter's ids are not the library object's (GGUF bert, t5)
     if isinstance(tok, HFTokenizer):  # tokenizers maps offsets back through its normalizer (lowercase, NFD, ...)
         out = [(e.ids, e.offsets) for e in tok.backend.encode_batch(texts, add_special_tokens=False)]
     elif isinstance(tok, SentencePieceTokenizer):
@@ -358,6 +359,15 @@ def _nkey(s:str)->str:
     import unicodedata
     return "".join(ch for ch in unicodedata.normalize("NFKD", s) if unicodedata.category(ch)[0] != "M" and not ch.isspace()).casefold()
 
+def _word_start(text:str, i:int)->bool:
+    "Whether a WordPiece word may start at code point `i`: after whitespace (skipping dropped controls and marks) or at punctuation / CJK, which are words alone."
+    import unicodedata
+    alone = lambda ch: (lambda cat, cp: cat[0] == "P" or (cp < 0x7F and cat[0] == "S") or 0x3400 <= cp <= 0x9FFF or 0xF900 <= cp <= 0xFAFF
+                        or 0x20000 <= cp <= 0x2FA1F)(unicodedata.category(ch), ord(ch))
+    j = i - 1
+    while j >= 0 and unicodedata.category(text[j]) in ("Cc", "Cf", "Co", "Cs", "Mn", "Mc", "Me") and not text[j].isspace(): j -= 1
+    return j < 0 or text[j].isspace() or alone(text[j]) or alone(text[i])
+
 def piece_offsets(tb:list[bytes], # token bytes (`Tokenizer.all_token_bytes()`)
                   unk:np.ndarray, # unknown-token flags (`TokenTable.unk`)
                   text:str, # the original text
@@ -369,16 +379,19 @@ def piece_offsets(tb:list[bytes], # token bytes (`Tokenizer.all_token_bytes()`)
     for i, ch in enumerate(text):
         k = _nkey(ch); keys.append(k); where += [i] * len(k)
     ks = "".join(keys); where.append(len(text))
+    starts = lambda k0: (k for k in range(k0 + 1, len(ks)) if where[k - 1] != where[k] and _word_start(text, where[k]))
     pos, after_unk, out = 0, False, []
     for t in ids:
         b = tb[t]
         if not b:
+            if unk[t] and after_unk: pos = next(starts(pos), pos)  # [UNK] after [UNK]: a word each (WordPiece), at the next word
             out.append((where[pos], where[pos]) if not unk[t] else (where[pos], where[pos] + 1)); after_unk |= bool(unk[t]); continue
         try: p = _nkey(b.decode("utf-8"))
         except UnicodeDecodeError: return None
         if not p: out.append((where[pos], where[pos])); continue
         if after_unk:  # an [UNK] covers an unknown stretch (at least one character): resume at the next match
-            q = ks.find(p, pos + 1)
+            if b[:1] == b" ": q = next((k for k in starts(pos) if ks.startswith(p, k)), -1)  # a word-initial piece ('▁word'): at a word start
+            else: q = ks.find(p, pos + 1)
             if q < 0: return None
             pos, after_unk = q, False
         elif not ks.startswith(p, pos):  # the tokenizer may drop a few characters (controls, marks): resync close by
