@@ -387,3 +387,18 @@ def test_token_offsets_only_for_exact_backends(name, exact):
     got = M.token_offsets(tok, texts)
     if not exact: assert got is None
     else: assert [list(i) for i, _ in got] == [tok.encode(t) for t in texts] and [tuple(o) for _, o in got] == [tuple(o) for o in (library_offsets(tok, t)[1] for t in texts)]
+
+
+def test_token_roles_phi3_eos_like_not_user_defined():
+    """phi-3 stores </s> as user-defined; llama.cpp (and the adapter) re-mark it as control, so the audit files it as
+    special, not user_defined: the user flag is the user-defined type minus the adapter's special tokens."""
+    from tokexp.tokenizers import TOKEN_USER_DEFINED
+    tok = load_tokenizer("phi-3")
+    eos_like = tok.vocab.tokens.index("</s>")
+    assert tok.vocab.types[eos_like] == TOKEN_USER_DEFINED and eos_like in tok.special_ids.values()
+    _, user = M.token_roles(tok)
+    assert not user[eos_like]
+    specials = set(tok.special_ids.values())
+    want = [i for i, ty in enumerate(tok.vocab.types.tolist()) if ty == TOKEN_USER_DEFINED and i not in specials]
+    assert np.flatnonzero(user).tolist() == want  # phi-3's only user-defined token is </s>: none left
+    assert M.vocab_audit(tok).set_index("id").loc[eos_like, "category"] == "special"

@@ -24,7 +24,7 @@ import pandas as pd
 
 from .core import Registry, ConfigError, InputError, IntegrityError
 from .tokenizers import (Tokenizer, HFTokenizer, SentencePieceTokenizer, load_tokenizer, TOKEN_BYTE, TOKEN_UNKNOWN,
-                         TOKEN_USER_DEFINED, GGUFTokenizer)
+                         GGUFTokenizer, LLAMA_ATTR_USER_DEFINED, LLAMA_ATTR_CONTROL, LLAMA_ATTR_UNKNOWN)
 
 # %% ../nbs/10_tokmetrics.ipynb #4d43fe46
 @functools.lru_cache(None)
@@ -775,8 +775,8 @@ def token_roles(tok:Tokenizer, # a tokenizer
         m = tok.vocab.meta
         pad_id = m.get("tokenizer.ggml.padding_token_id")
         roles = {int(v) for k, v in m.items() if re.fullmatch(r"tokenizer\.ggml\.\w+_token_id", k) and k != "tokenizer.ggml.padding_token_id"}
-        ty = tok.vocab.types
-        user[:len(ty)] = ty == TOKEN_USER_DEFINED
+        a = tok.vocab.attrs  # llama.cpp's attributes: EOS-like user-defined tokens (phi-3's </s>) are re-marked control
+        user[:len(a)] = ((a & LLAMA_ATTR_USER_DEFINED) != 0) & ((a & (LLAMA_ATTR_CONTROL | LLAMA_ATTR_UNKNOWN)) == 0)
     elif isinstance(tok, HFTokenizer):  # tokenizer.json's padding block is dropped on load (we never pad): names only
         for i, t in tok.backend.get_added_tokens_decoder().items():
             if not t.special and 0 <= i < V: user[i] = True
