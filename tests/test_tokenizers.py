@@ -79,6 +79,24 @@ def _library_encoding(name, monkeypatch):
     return tiktoken.Encoding(**spec), spec
 
 
+@pytest.mark.parametrize("name", ["cl100k_base", "o200k_base"])
+def test_tiktoken_id_to_token_covers_unassigned_ids(name, monkeypatch):
+    """Every id in 0..n_vocab-1 has a token text; ids the encoding leaves unassigned (cl100k: 100256, ...) give "" (was a
+    raw KeyError from tiktoken that crashed vocab_audit), and ids outside the range are refused by name."""
+    from tokexp.core import InputError
+    enc, spec = _library_encoding(name, monkeypatch)
+    assigned = set(spec["mergeable_ranks"].values()) | set(spec["special_tokens"].values())
+    holes = [i for i in range(enc.n_vocab) if i not in assigned]
+    assert holes, f"{name} has no unassigned ids; this test needs one"
+    tok = T.load_tokenizer(name)
+    assert [tok.id_to_token(i) for i in holes] == [""] * len(holes)
+    for t, i in spec["special_tokens"].items(): assert tok.id_to_token(i) == t
+    for b, i in list(spec["mergeable_ranks"].items())[::4999]:  # assigned ids: their text, as raw UTF-8 where it decodes
+        try: assert tok.id_to_token(i) == b.decode("utf-8")
+        except UnicodeDecodeError: assert tok.id_to_token(i) != ""
+    with pytest.raises(InputError, match="outside"): tok.id_to_token(enc.n_vocab)
+
+
 @pytest.mark.parametrize("name", ["r50k_base", "p50k_base", "cl100k_base", "o200k_base"])
 def test_tiktoken_agrees_with_library(name, monkeypatch, udhr_texts):
     lib, spec = _library_encoding(name, monkeypatch)

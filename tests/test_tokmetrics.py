@@ -402,3 +402,12 @@ def test_token_roles_phi3_eos_like_not_user_defined():
     want = [i for i, ty in enumerate(tok.vocab.types.tolist()) if ty == TOKEN_USER_DEFINED and i not in specials]
     assert np.flatnonzero(user).tolist() == want  # phi-3's only user-defined token is </s>: none left
     assert M.vocab_audit(tok).set_index("id").loc[eos_like, "category"] == "special"
+
+
+def test_vocab_audit_on_a_vocabulary_with_unassigned_ids():
+    "cl100k leaves ids unassigned (100256, ...): the audit covers every id and files those apart from text (crashed before)."
+    tok = load_tokenizer("cl100k_base")
+    a = M.vocab_audit(tok)
+    assert len(a) == tok.vocab_size
+    hole = a.set_index("id").loc[100256]
+    assert hole["category"] == "empty" and hole["nbytes"] == 0

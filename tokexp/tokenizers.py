@@ -354,7 +354,9 @@ class TiktokenTokenizer(Tokenizer):
     @property
     def backend(self): return self._enc
     def id_to_token(self, id:int)->str:
-        b = self._enc.decode_single_token_bytes(int(id))
+        id = self._check_ids([id])[0]
+        try: b = self._enc.decode_single_token_bytes(id)
+        except KeyError: return ""  # an unassigned id inside n_vocab (cl100k has holes, e.g. 100256): no token, as HF's None
         try: return b.decode("utf-8")
         except UnicodeDecodeError: return "".join(byte_to_unicode()[x] for x in b)
     def _encode(self, text, add_special_tokens): return self._enc.encode_ordinary(text)
