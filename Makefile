@@ -36,7 +36,8 @@ $(STAMP): pyproject.toml $(LOCK)
 # Refresh the lock (needs the package registries): exact versions with hashes for Linux x86_64 / CPython 3.11, torch
 # left out (installed first, CPU or CUDA build) but its dependencies pinned as the CPU wheel declares them.
 LOCK_TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-2.13.0*),--find-links /opt/wheels,--index https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
-lock: $(STAMP)
+lock:  # needs only uv, not an installable environment (the point may be to repair the lock)
+	@test -x $(BIN)/uv || { test -x $(BIN)/python || $(PY) -m venv $(VENV); $(BIN)/pip install -q --disable-pip-version-check "uv>=0.13,<0.14"; }
 	$(BIN)/uv pip compile pyproject.toml --extra dev --generate-hashes --no-emit-package torch --python-version 3.11 \
 	  --python-platform x86_64-manylinux_2_28 $(LOCK_TORCH_SOURCE) --custom-compile-command "make lock" -q -o $(LOCK).new
 	@! grep -qE '^(nvidia|cuda)-' $(LOCK).new || { echo "the lock resolved a CUDA torch's dependencies: give LOCK_TORCH_SOURCE a CPU wheel source"; rm -f $(LOCK).new; exit 1; }

@@ -85,3 +85,18 @@ def test_every_template_has_one_typed_parameters_cell():
         ps = template_parameters(name)
         assert "output_dir" in ps and "profile" in ps, name
         assert all(p.help for p in ps.values()), f"{name}: every parameter needs a comment"
+
+
+def test_report_outputs_carry_no_progress_bars_or_warnings(reports_tmp):
+    "A report executed by the runner has no stderr output (tqdm / hub loading bars, library advisories) in any cell."
+    import nbformat
+    from tokexp.report import run_experiment
+    # (checked to fail without tokexp.report.REPORT_ENV: two cells then carry tqdm widget bars)
+    r = run_experiment("encoder_pruning", {"methods": ["random", "tome"], "fractions": [0.5], "n_queries": 8,
+                                           "n_distractors": 8, "batch_size": 8}, progress=False)
+    assert r.ok, r.error
+    nb = nbformat.read(r.path/"encoder_pruning.ipynb", as_version=4)
+    noise = [(i, "".join(o.get("text", ""))[:120]) for i, c in enumerate(nb.cells) if c.cell_type == "code"
+             for o in c.get("outputs", []) if o.get("output_type") == "stream" and o.get("name") == "stderr"
+             or "application/vnd.jupyter.widget-view+json" in o.get("data", {})]  # a notebook progress bar
+    assert noise == [], noise

@@ -559,6 +559,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'tokexp.report.experiments_dir': ('report.html#experiments_dir', 'tokexp/report.py'),
                                'tokexp.report.list_experiments': ('report.html#list_experiments', 'tokexp/report.py'),
                                'tokexp.report.output_dir_for': ('report.html#output_dir_for', 'tokexp/report.py'),
+                               'tokexp.report.report_env': ('report.html#report_env', 'tokexp/report.py'),
                                'tokexp.report.reports_dir': ('report.html#reports_dir', 'tokexp/report.py'),
                                'tokexp.report.resolve_parameters': ('report.html#resolve_parameters', 'tokexp/report.py'),
                                'tokexp.report.run_experiment': ('report.html#run_experiment', 'tokexp/report.py'),
