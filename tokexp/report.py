@@ -163,7 +163,10 @@ def output_dir_for(experiment:str, output_dir:str|Path|None="")->Path:
 # %% ../nbs/50_report.ipynb #990516c8
 # An executed report reads as a report: no progress bars (tqdm, the hub's and transformers' loading bars) and no
 # library advisories in its outputs. The kernel papermill starts inherits these; interactive sessions keep their bars.
-REPORT_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+# TQDM_DISABLE only holds for console bars: tqdm's notebook bars force disable=False, so ipywidgets stays out of the
+# environment and tqdm.auto's one-line notice that it is missing is filtered from reports.
+REPORT_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+              "PYTHONWARNINGS": "ignore:IProgress not found"}
 
 @contextlib.contextmanager
 def report_env(env:dict|None=None, # variables to set while a report executes; default REPORT_ENV
