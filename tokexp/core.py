@@ -225,12 +225,12 @@ def lock_info(path:str|Path|None=None, # a pip requirements lock; default: the p
     import importlib.metadata as md
     path = Path(path) if path else project_root()/"requirements.lock"
     if not path.exists(): return {"file": str(path), "sha256": None, "mismatches": None}
-    mism = {}
-    for name, want in read_lock(path).items():
+    mism, pins = {}, read_lock(path)
+    for name, want in pins.items():
         try: have = md.version(name)
         except md.PackageNotFoundError: have = None
         if have != want: mism[name] = {"locked": want, "installed": have}
-    return {"file": path.name, "sha256": sha256_file(path), "packages": len(read_lock(path)), "mismatches": mism}
+    return {"file": path.name, "sha256": sha256_file(path), "packages": len(pins), "mismatches": mism}
 
 # %% ../nbs/00_core.ipynb #9003a7c9
 def environment_info(packages:Iterable[str]=("tokexp", "torch", "transformers", "tokenizers", "tiktoken", "sentencepiece",
