@@ -38,12 +38,12 @@ $(STAMP): pyproject.toml $(LOCK)
 LOCK_TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-2.13.0*),--find-links /opt/wheels,--index https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
 lock:  # needs only uv, not an installable environment (the point may be to repair the lock)
 	@test -x $(BIN)/uv || { test -x $(BIN)/python || $(PY) -m venv $(VENV); $(BIN)/pip install -q --disable-pip-version-check "uv>=0.13,<0.14"; }
-	$(BIN)/uv pip compile pyproject.toml --extra dev --generate-hashes --no-emit-package torch --python-version 3.11 \
+	$(BIN)/uv pip compile pyproject.toml --extra dev --extra ray --generate-hashes --no-emit-package torch --python-version 3.11 \
 	  --python-platform x86_64-manylinux_2_28 $(LOCK_TORCH_SOURCE) --custom-compile-command "make lock" -q -o $(LOCK).new
 	@! grep -qE '^(nvidia|cuda)-' $(LOCK).new || { echo "the lock resolved a CUDA torch's dependencies: give LOCK_TORCH_SOURCE a CPU wheel source"; rm -f $(LOCK).new; exit 1; }
 	@mv $(LOCK).new $(LOCK) && echo "wrote $(LOCK): $$(grep -cE '^[a-z]' $(LOCK)) packages, sha256 $$(sha256sum $(LOCK) | cut -c1-16)"
 	@# the GPU-box path: PyPI's CUDA torch 2.13.0 (and its nvidia-*/triton pins) must resolve together with the lock
-	@echo "torch==2.13.0" > $(LOCK).cuda.in && $(BIN)/uv pip compile $(LOCK).cuda.in pyproject.toml --extra dev -c $(LOCK) \
+	@echo "torch==2.13.0" > $(LOCK).cuda.in && $(BIN)/uv pip compile $(LOCK).cuda.in pyproject.toml --extra dev --extra ray -c $(LOCK) \
 	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 -q -o /dev/null \
 	  && echo "CUDA torch 2.13.0 resolves with the lock" ; rc=$$?; rm -f $(LOCK).cuda.in; exit $$rc
 

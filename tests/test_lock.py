@@ -8,7 +8,7 @@ ROOT = project_root()
 
 def _declared():
     proj = tomllib.loads((ROOT/"pyproject.toml").read_text())["project"]
-    return [Requirement(r) for r in proj["dependencies"] + proj["optional-dependencies"]["dev"]]
+    return [Requirement(r) for r in proj["dependencies"] + proj["optional-dependencies"]["dev"] + proj["optional-dependencies"]["ray"]]
 
 def _norm(n): return re.sub(r"[-_.]+", "-", n).lower()
 
