@@ -218,3 +218,18 @@ def test_read_domain(fetched):
     assert all(len(r) >= 200 for r in A.read_domain("fortunes", min_chars=200))
     with pytest.raises(ConfigError, match="unknown text domain"):
         A.read_domain("bible")
+
+
+def test_hunspell_dictionaries():
+    "Every pinned hunspell dictionary is fetched (sha256-checked) and reads with spylls; inflected forms are words."
+    from spylls.hunspell import Dictionary
+    A.fetch([v[0] for v in A.HUNSPELL_LANGS.values()], progress=False)
+    langs = A.hunspell_languages()
+    assert langs.fetched.all() and set(langs.lang) == {"tr", "de", "ru", "hi", "en", "es"}
+    for lang, word, non in [("hi", "किताब", "kitap"), ("en", "running", "evlerimizden")]:
+        aff, dic = A.hunspell_files(lang)
+        assert aff.suffix == ".aff" and dic.suffix == ".dic" and dic.stat().st_size > 100_000
+        d = Dictionary.from_files(str(aff.with_suffix("")))
+        assert d.lookup(word) and not d.lookup(non)
+    with pytest.raises(ConfigError, match="hunspell language"):
+        A.hunspell_files("xx")
