@@ -12,6 +12,7 @@ from .core import unknown_name_message
 # %% ../nbs/99_cli.ipynb #8fea70c3
 COMMANDS = {
     "run":        ("tokexp.report:cli_run",    "execute experiment templates into reports/ (papermill)"),
+    "sweep":      ("tokexp.sweep:cli_sweep",   "run an experiment over a grid of parameter values (serial or Ray)"),
     "site":       ("tokexp.site:cli_site",     "build the browsable docs site (API docs + reports)"),
     "assets":     ("tokexp.assets:cli",        "fetch / list the registry assets (tokenizers, corpora, MiniLM)"),
     "tokenizers": ("tokexp.tokenizers:cli",    "list the tokenizer zoo, encode text"),
