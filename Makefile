@@ -80,8 +80,8 @@ test: env
 	$(TRITON_ENV) $(BIN)/nbdev-test --n-workers 2
 	$(BIN)/python -m pytest tests
 
-lab: env
-	$(BIN)/jupyter lab
+lab: env  # as root (containers) Jupyter refuses to start without --allow-root
+	$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root)
 
 clean-site:
 	rm -rf _site _build _proc
