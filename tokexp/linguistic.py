@@ -9,7 +9,7 @@ __all__ = ['LEXICONS', 'LANG_SCRIPTS', 'UDHR_KEYS', 'token_surface', 'surfaces_o
            'HunspellLexicon', 'zeyrek_segment', 'TurkishLexicon', 'make_lexicon', 'integrity_counts', 'vocab_integrity',
            'evaluate_integrity']
 
-# %% ../nbs/12_linguistic.ipynb #2603442e
+# %% ../nbs/12_linguistic.ipynb #41d3c818
 import contextlib, functools, logging, time
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -21,7 +21,7 @@ from .core import ConfigError, InputError, Registry, load_settings, read_json, s
 from .tokenizers import Tokenizer, load_tokenizer
 from . import tokmetrics as M
 
-# %% ../nbs/12_linguistic.ipynb #a148de0e
+# %% ../nbs/12_linguistic.ipynb #c98c1992
 def token_surface(b:bytes, # the raw bytes of one token (`Tokenizer.all_token_bytes()`; specials are b"")
                  )->str:
     "The token as the paper compares it: decoded on its own (U+FFFD for broken UTF-8), surrounding whitespace stripped."
@@ -43,7 +43,7 @@ def used_surfaces(tok:Tokenizer, # the tokenizer that produced `ids`
     s = s[s.index != ""]
     return s.sort_values(ascending=False, kind="stable")
 
-# %% ../nbs/12_linguistic.ipynb #3089c224
+# %% ../nbs/12_linguistic.ipynb #d7dc5c09
 class Lexicon:
     "Base class: valid words, roots and morphemes of one language, with memoised verdicts."
     scripts:tuple = ()  # ISO 15924 scripts of the language's letters (empty: no script shortcut)
@@ -77,7 +77,8 @@ class Lexicon:
             if not s or not self._letters_ok(s): r = (False, False)
             else:
                 morph = self._is_morpheme(s)
-                r = (morph or self._is_word(s), morph or self._is_root(s))
+                word = morph or self._is_word(s)
+                r = (word, morph or (word and self._is_root(s)))  # a root must be a valid word: %Pure <= %Lang
             self._memo[s] = r
         return r
 
@@ -121,7 +122,7 @@ class SetLexicon(Lexicon):
     @property
     def key(self): return stable_hash([type(self).__name__, self.lang, sorted(self.words), sorted(self.roots), sorted(self.morphemes), self.fold])
 
-# %% ../nbs/12_linguistic.ipynb #de105205
+# %% ../nbs/12_linguistic.ipynb #8ef0d757
 LANG_SCRIPTS = {"tr": ("Latn",), "de": ("Latn",), "en": ("Latn",), "es": ("Latn",), "ru": ("Cyrl",), "hi": ("Deva",)}
 UDHR_KEYS = {"tr": "tur", "de": "deu_1996", "ru": "rus", "hi": "hin", "en": "eng", "es": "spa"}  # language -> UDHR declaration
 
@@ -154,26 +155,34 @@ class HunspellLexicon(Lexicon):
         self.stems = {w.stem for w in d.dic.words}
         self.affixes = {a.add for tbl in (d.aff.SFX, d.aff.PFX) for lst in tbl.values() for a in lst if a.add}
         man = read_json(self.aff.parent.parent.parent.parent/MANIFEST)["files"]
+        self.lookup_errors = []  # strings spylls could not look up (counted invalid)
         self._files_sha = [man[f"usr/share/hunspell/{p.name}"]["sha256"] for p in (self.aff, self.dic)]
     @property
     def key(self): return stable_hash([type(self).__name__, self.lang, self._files_sha, self.scripts, 1])
-    def _is_word(self, s): return bool(self.dictionary.lookup(s))
+    def _is_word(self, s):
+        try: return bool(self.dictionary.lookup(s))
+        except IndexError:  # spylls' GermanCasing.lower fails on some strings (e.g. an initial capital whose lower-casing is empty)
+            self.lookup_errors.append(s); return False
     def _is_root(self, s): return s in self.stems or s.lower() in self.stems
     def _is_morpheme(self, s): return s in self.affixes or s.lower() in self.affixes
 
-# %% ../nbs/12_linguistic.ipynb #1b94da0a
+# %% ../nbs/12_linguistic.ipynb #9fe2b5ff
 @functools.lru_cache(maxsize=1)
 def _zeyrek():
     with _quiet("zeyrek"):
         import zeyrek
         return zeyrek.MorphAnalyzer()
 
-def zeyrek_segment(word:str)->list[tuple[str, ...]]:
+@functools.lru_cache(maxsize=200_000)
+def zeyrek_segment(word:str, # one word
+                   common_only:bool=False, # skip analyses whose root is an abbreviation or a proper noun
+                  )->list[tuple[str, ...]]:
     "Every distinct zeyrek analysis of `word` as (root surface, suffix surface, ...), empty surfaces dropped."
     with _quiet("zeyrek"):
         an = _zeyrek()._parse(word)
     out = []
     for a in an:
+        if common_only and str(a.dict_item.secondary_pos).rsplit(".", 1)[-1] in ("Abbreviation", "ProperNoun"): continue
         seg = (a.stem, *[m[1] for m in a.morphemes[1:] if m[1]])
         if seg not in out: out.append(seg)
     return out
@@ -194,7 +203,7 @@ class TurkishLexicon(HunspellLexicon):
         return len(self.suffixes)
     @property
     def key(self): return stable_hash([super().key, "zeyrek", sorted(self.suffixes)])
-    def _is_root(self, s): return any(len(seg) == 1 for seg in zeyrek_segment(s))
+    def _is_root(self, s): return any(len(seg) == 1 for seg in zeyrek_segment(s, common_only=True))
     def _is_morpheme(self, s):
         from zeyrek import tr
         return tr.lower(s) in self.suffixes
@@ -203,7 +212,7 @@ def make_lexicon(lang:str, cache_dir=None)->Lexicon:
     "The default lexicon of `lang`: `TurkishLexicon` for 'tr', `HunspellLexicon` otherwise."
     return TurkishLexicon("tr", cache_dir) if lang == "tr" else HunspellLexicon(lang, cache_dir)
 
-# %% ../nbs/12_linguistic.ipynb #7d8401d6
+# %% ../nbs/12_linguistic.ipynb #4475de28
 def integrity_counts(surfaces:pd.Series, # unique token strings (index) with occurrence counts (values)
                      lex:Lexicon, # the language's lexicon
                     )->dict:
@@ -229,7 +238,7 @@ def vocab_integrity(tok:Tokenizer|str, # tokenizer or zoo name
     return {"vocab_ids": len(ss), "vocab_pct_lang": 100 * float(j.valid.mean()) if len(j) else float("nan"),
             "vocab_pct_pure": 100 * float(j.pure.mean()) if len(j) else float("nan"), "vocab_sample": int(sample)}
 
-# %% ../nbs/12_linguistic.ipynb #c4daa6d8
+# %% ../nbs/12_linguistic.ipynb #bec4a385
 def evaluate_integrity(tokenizers:Sequence[Tokenizer|str], # tokenizers or zoo names
                        corpus:"M.Corpus", # texts grouped by language
                        lexicons:dict, # group name -> Lexicon
