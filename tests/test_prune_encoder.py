@@ -75,6 +75,8 @@ def test_kept_subset_cls_sep_and_shorter(enc, ref, name):
         if name == "tome":
             n1 = n - min(n - math.ceil(0.4*n), (n - 2)//2)
             assert len(ks) == n1 - min(n1 - math.ceil(0.4*n1), (n1 - 2)//2)
+        elif name == "atp":  # adaptive: the budget is only a cap
+            assert 2 <= len(ks) <= max(2, math.ceil(0.4*max(2, math.ceil(0.4*n))))
         else:
             assert len(ks) == max(2, math.ceil(0.4*max(2, math.ceil(0.4*n))))
     tl = r.tokens_per_layer.tolist()
@@ -493,3 +495,278 @@ def test_flops_and_tokens_count_padded_batches(enc):
     assert r.tokens_per_layer.tolist() == want_pr
     assert full.flops == pytest.approx(fl_full, rel=1e-12)
     assert r.flops == pytest.approx(fl_pr, rel=1e-12)
+
+
+# ---- vision-LM methods applied to the text encoder: TransPrune, ToDRE, MustDrop, ATP-style, VASparse ----------------
+from tokexp.prune.encoder import (ATPAdaptive, MustDrop, ToDRE, TransPrune, VASparse, _toy_state, adaptive_keep,
+                                  dual_attention_keep, guide_attention, transition_variation, vasparse_score,
+                                  window_merge)
+
+GUIDED = ["transprune", "todre", "mustdrop", "atp", "vasparse"]
+GUIDE = "what word does this definition describe?"
+
+
+def _cos(a, b):
+    return sum(x*y for x, y in zip(a, b))/math.sqrt(sum(x*x for x in a))/math.sqrt(sum(y*y for y in b))
+
+
+def _loop_ttv(x, y):
+    "TransPrune's compute_transf_weight, token by token: ‖y‖/‖x‖ · exp(1 − cos)/Σ exp(1 − cos)."
+    x, y = x.double().tolist(), y.double().tolist()
+    e = [math.exp(1 - _cos(a, b)) for a, b in zip(x, y)]
+    return [math.sqrt(sum(v*v for v in b))/math.sqrt(sum(v*v for v in a))*ei/sum(e) for a, b, ei in zip(x, y, e)]
+
+
+def _loop_guide_attention(q, k, heads):
+    m, n, dh = q.shape[0], k.shape[0], q.shape[1]//heads
+    out = np.zeros((heads, m, n))
+    for h in range(heads):
+        for i in range(m):
+            logits = [sum(float(q[i, h*dh + t])*float(k[j, h*dh + t]) for t in range(dh))/math.sqrt(dh) for j in range(n)]
+            z = sum(math.exp(l - max(logits)) for l in logits)
+            out[h, i] = [math.exp(l - max(logits))/z for l in logits]
+    return out
+
+
+def _loop_topk(score, k, protected):
+    "Protected tokens, then the highest scores (ties: lower index first), as a sorted list."
+    n = len(score)
+    kept = [i for i in range(n) if protected[i]]
+    rest = sorted((i for i in range(n) if not protected[i]), key=lambda i: (-score[i], i))
+    return sorted(kept + rest[:max(0, k - len(kept))])
+
+
+def test_transition_variation_matches_reference_loop():
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(9, 16, generator=g), torch.randn(9, 16, generator=g)
+    np.testing.assert_allclose(transition_variation(x, y).double().numpy(), _loop_ttv(x, y), rtol=1e-5)
+    valid = torch.tensor([True]*6 + [False]*3)
+    got = transition_variation(x[None], y[None], valid[None])[0]
+    np.testing.assert_allclose(got[:6].double().numpy(), _loop_ttv(x[:6], y[:6]), rtol=1e-5)
+    assert got[6:].abs().max() == 0
+
+
+def test_guide_attention_matches_loop():
+    g = torch.Generator().manual_seed(4)
+    q, k = torch.randn(3, 12, generator=g), torch.randn(7, 12, generator=g)
+    np.testing.assert_allclose(guide_attention(q, k, 3).double().numpy(), _loop_guide_attention(q, k, 3), atol=1e-6)
+
+
+@pytest.mark.parametrize("guide", [False, True])
+@pytest.mark.parametrize("keep", [0.3, 0.5, 0.8])
+def test_transprune_selection_is_published_rule(guide, keep):
+    st = _toy_state(n=15, d=8, guide=guide, seed=5)
+    k = TransPrune(keep=keep).budget(st.n)
+    ttv = st.transition.tolist()
+    score = [t/sum(ttv) for t in ttv]
+    if guide:
+        iga = [float(st.guide_attn[:, :, j].mean()) for j in range(st.n)]
+        score = [s + a/sum(iga) for s, a in zip(score, iga)]
+    want = _loop_topk(score, k, st.protected.tolist())
+    assert TransPrune(keep=keep).prune(st).index.tolist() == want
+    if guide:  # TTV alone ignores the guide
+        assert TransPrune(keep=keep, use_guide=False).prune(st).index.tolist() == \
+            _loop_topk([t/sum(ttv) for t in ttv], k, st.protected.tolist())
+
+
+def _loop_kcenter(x, k, seed):
+    "Gonzalez's greedy k-center on cosine distance: add the point farthest from its nearest centre (ties: lowest index)."
+    f = [[v/math.sqrt(sum(w*w for w in row)) for v in row] for row in x.double().tolist()]
+    dist = lambda i, j: max(0.0, 1 - sum(a*b for a, b in zip(f[i], f[j])))
+    chosen = list(seed)
+    while len(chosen) < k:
+        best = max((i for i in range(len(f)) if i not in chosen), key=lambda i: (min(dist(i, c) for c in chosen), -i))
+        chosen.append(best)
+    return sorted(chosen)
+
+
+@pytest.mark.parametrize("guide", [False, True])
+@pytest.mark.parametrize("keep", [0.25, 0.5])
+def test_todre_stages_are_published_rules(guide, keep):
+    st = _toy_state(n=14, d=6, guide=guide, seed=6)
+    k = ToDRE(keep=keep).budget(st.n)
+    rel = (st.guide_attn.mean((0, 1)) if guide else st.attn.mean(0)[0]).tolist()
+    prot = st.protected.tolist()
+    first = max((i for i in range(st.n) if not prot[i]), key=lambda i: (rel[i], -i))
+    assert ToDRE(keep=keep).prune(st).index.tolist() == _loop_kcenter(st.hidden, k, [0, st.n - 1, first])
+    st.point = 1  # a later pruning point: relevance only
+    assert ToDRE(keep=keep).prune(st).index.tolist() == _loop_topk(rel, k, prot)
+
+
+def _loop_window_merge(x, sizes, protected, window, r):
+    n = len(x)
+    free = [i for i in range(n) if not protected[i]]
+    wins = [list(range(s, s + window)) for s in range(free[0], n - window + 1, window)
+            if not any(protected[s:s + window])]
+    def sim(w):
+        pairs = [(a, b) for a in w for b in w if a != b]
+        return sum(_cos(x[a], x[b]) for a, b in pairs)/len(pairs)
+    order = sorted(range(len(wins)), key=lambda i: (-sim(wins[i]), i))[:r]
+    groups = {i: [i] for i in range(n)}
+    for wi in order:
+        w = wins[wi]
+        groups[w[-1]] = w
+        for s in w[:-1]: groups.pop(s)
+    out_x, out_s = [], []
+    for dst in sorted(groups):
+        g = groups[dst]
+        tot = sum(sizes[i] for i in g)
+        out_x.append([sum(sizes[i]*x[i][t] for i in g)/tot for t in range(len(x[0]))]); out_s.append(tot)
+    return out_x, out_s
+
+
+@pytest.mark.parametrize("window,r", [(2, 1), (2, 3), (3, 2), (4, 1)])
+def test_mustdrop_window_merge_matches_loop(window, r):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(13, 5, generator=g, dtype=torch.float64)
+    sizes = torch.randint(1, 4, (13,), generator=g).double()
+    prot = torch.zeros(13, dtype=torch.bool); prot[[0, 12]] = True
+    xm, sm, slot, keep = window_merge(x, x, sizes, prot, window, r=r)
+    want_x, want_s = _loop_window_merge(x.tolist(), sizes.tolist(), prot.tolist(), window, r)
+    np.testing.assert_allclose(xm.numpy(), want_x, atol=1e-10)
+    assert sm.tolist() == want_s
+    assert torch.allclose((x*sizes[:, None]).sum(0), (xm*sm[:, None]).sum(0))  # size-weighted sum preserved
+
+
+def _loop_dual(att, k, prot):
+    n = len(att[0])
+    g = [sum(row[j] for row in att)/len(att) for j in range(n)]
+    mx = [max(row[j] for row in att) for j in range(n)]
+    kept = [j for j in range(n) if prot[j]]
+    free_k = k - len(kept)
+    by_g = sorted((j for j in range(n) if j not in kept), key=lambda j: (-g[j], j))[:math.ceil(free_k/2)]
+    kept += by_g
+    kept += sorted((j for j in range(n) if j not in kept), key=lambda j: (-mx[j], j))[:free_k - len(by_g)]
+    return sorted(kept)
+
+
+@pytest.mark.parametrize("guide", [False, True])
+@pytest.mark.parametrize("keep", [0.3, 0.6])
+def test_mustdrop_dual_attention_stage_matches_loop(guide, keep):
+    st = _toy_state(n=16, d=6, guide=guide, seed=8)
+    st.point = 1  # after the merge stage
+    k = MustDrop(keep=keep).budget(st.n)
+    att = (st.guide_attn if guide else st.attn).mean(0).tolist()
+    assert MustDrop(keep=keep).prune(st).index.tolist() == _loop_dual(att, k, st.protected.tolist())
+
+
+def test_mustdrop_first_point_merges_then_drops():
+    st = _toy_state(n=16, d=6, seed=9)
+    red = MustDrop(keep=0.4).prune(st)
+    k = MustDrop(keep=0.4).budget(16)
+    assert red.hidden.shape[0] == k
+    # the merge stage asks for (n − k)//(window − 1) windows; 7 windows exist between [CLS] and [SEP]
+    xm, sm, slot, surv = window_merge(st.hidden, st.hidden, st.sizes, st.protected, 2, r=16 - k)
+    assert sm.sum() == 16 and xm.shape[0] == 16 - 7
+    att = torch.zeros(st.attn.shape[1], xm.shape[0]).index_add_(1, slot, st.attn.mean(0))
+    want = _loop_dual(att.tolist(), k, st.protected[surv].tolist())
+    assert red.index.tolist() == surv.nonzero().squeeze(1)[want].tolist()
+    assert red.sizes.sum() < 16  # dropped tokens take their sizes with them
+
+
+@pytest.mark.parametrize("alpha", [-0.5, 0.0, 0.5, 1.0])
+@pytest.mark.parametrize("guide", [False, True])
+def test_atp_threshold_matches_loop(alpha, guide):
+    st = _toy_state(n=20, d=6, guide=guide, seed=10)
+    a = st.attn.mean(0).mean(0).tolist(); s = [v/sum(a) for v in a]
+    if guide:
+        ga = st.guide_attn.mean((0, 1)).tolist(); s = [v + w/sum(ga) for v, w in zip(s, ga)]
+    free = [v for v, p in zip(s, st.protected.tolist()) if not p]
+    mu = sum(free)/len(free); sd = math.sqrt(sum((v - mu)**2 for v in free)/len(free))
+    above = sum(v >= mu + alpha*sd - 1e-12 for v in free)
+    for keep in (1.0 - 1e-9, 0.3):
+        cap = ATPAdaptive(keep=keep).budget(20)
+        k = min(2 + max(above, 1), cap)
+        got = ATPAdaptive(keep=keep, alpha=alpha).prune(st).index.tolist()
+        assert got == (list(range(20)) if cap >= 20 else _loop_topk(s, k, st.protected.tolist()))
+
+
+def test_atp_ratio_adapts_per_text(enc, ref):
+    r = enc.encode(TEXTS, ATPAdaptive(keep=0.9), prune_after=(2,))  # the cap: 90 %; keep=1.0 is the exact no-op
+    frac = [len(k)/n for k, n in zip(r.kept, r.lengths.tolist()) if math.ceil(0.9*n) < n]  # short texts: a no-op
+    assert len(set(round(f, 3) for f in frac)) > 3 and max(frac) < 0.8  # different ratios for different texts
+    floor = enc.encode(TEXTS, ATPAdaptive(keep=0.9, min_keep=0.85), prune_after=(2,))
+    assert all(len(k) >= math.ceil(0.85*n) for k, n in zip(floor.kept, floor.lengths.tolist()))
+
+
+@pytest.mark.parametrize("guide", [False, True])
+@pytest.mark.parametrize("lam", [0.0, 1.0, 50.0])
+def test_vasparse_matches_published_score(guide, lam):
+    st = _toy_state(n=12, d=8, guide=guide, seed=11)
+    H, dh = 2, 4
+    q = (st.guide_q.mean(0) if guide else st.queries[0]).tolist()
+    content = [not p for p in st.protected.tolist()]
+    am = st.attn.mean(0).tolist()
+    mass = [sum(am[i][j] for j in range(12) if content[j]) for i in range(12)]
+    P = [math.exp(v)/sum(math.exp(w) for w in mass) for v in mass]
+    delta = []
+    for i in range(12):
+        lg = sum(sum(q[h*dh + t]*float(st.keys[i, h*dh + t]) for t in range(dh))/math.sqrt(dh) for h in range(H))/H
+        delta.append(lg**2 + lam*P[i])
+    np.testing.assert_allclose(vasparse_score(torch.tensor(q), st.keys, st.attn, torch.tensor(content), H, lam).double().numpy(),
+                               delta, rtol=1e-5)
+    assert VASparse(keep=0.5, lam=lam).prune(st).index.tolist() == _loop_topk(delta, 6, st.protected.tolist())
+
+
+@pytest.mark.parametrize("name", GUIDED)
+def test_keep_one_is_exact_with_guide(enc, ref, name):
+    r = enc.encode(TEXTS, encoder_pruners[name](keep=1.0), prune_after=(1, 2, 4), guide=GUIDE)
+    assert torch.allclose(r.embeddings, ref.embeddings, atol=1e-5)
+    assert r.tokens_per_layer.tolist() == ref.tokens_per_layer.tolist()
+
+
+class _Spy(TransPrune):
+    "TransPrune that records the states it sees."
+    def select(self, state, k):
+        self.seen.append(state)
+        return super().select(state, k)
+
+
+def test_encoder_feeds_real_ttv_and_guide_attention(enc):
+    """The TTV and guide attention the encoder hands to a pruner equal an independent recomputation from the model's
+    modules, and TransPrune keeps the tokens the published rule picks from them."""
+    text = TEXTS[4]
+    spy = _Spy(keep=0.5); spy.seen = []
+    enc.encode([text], spy, prune_after=(2,), guide=GUIDE)
+    st = spy.seen[0]
+    bt = enc.tok([text], return_tensors="pt")
+    with torch.no_grad():
+        hs = enc.model(**bt, output_hidden_states=True).hidden_states  # embeddings, then each layer's output
+        ttv = torch.zeros(bt["input_ids"].shape[1], dtype=torch.float64)
+        lay = enc.model.encoder.layer[1]  # the first pruning point is after layer 2: TTV of layer 2 only
+        x = hs[1][0]
+        ctx = lay.attention.self(x[None], attention_mask=None)[0]
+        a_out = lay.attention.output.dense(ctx)[0]
+        a = lay.attention.output.LayerNorm(a_out + x)
+        f_out = lay.output.dense(lay.intermediate(a))
+        ttv += torch.tensor(_loop_ttv(x, a_out)) + torch.tensor(_loop_ttv(a, f_out))
+        np.testing.assert_allclose(st.transition.double().numpy(), ttv.numpy(), rtol=1e-4)
+        gb = enc.tok([GUIDE], return_tensors="pt")
+        gh = enc.model(**gb, output_hidden_states=True).hidden_states[1][0][1:-1]  # guide tokens entering layer 2
+        q = lay.attention.self.query(gh); k = lay.attention.self.key(x)
+        np.testing.assert_allclose(st.guide_attn.double().numpy(), _loop_guide_attention(q, k, enc.heads), atol=1e-5)
+    iga = st.guide_attn.mean((0, 1)).tolist(); t = st.transition.tolist()
+    score = [u/sum(t) + v/sum(iga) for u, v in zip(t, iga)]
+    r = enc.encode([text], TransPrune(keep=0.5), prune_after=(2,), guide=GUIDE)
+    assert r.kept[0].tolist() == _loop_topk(score, math.ceil(0.5*len(t)), st.protected.tolist())
+
+
+def test_guide_changes_query_aware_selection(enc):
+    a = enc.encode(TEXTS, ToDRE(keep=0.4), prune_after=(2, 4), guide="freedom and rights")
+    b = enc.encode(TEXTS, ToDRE(keep=0.4), prune_after=(2, 4), guide="dogs and cats")
+    assert any(x.tolist() != y.tolist() for x, y in zip(a.kept, b.kept))
+    per_text = enc.encode(TEXTS, ToDRE(keep=0.4), prune_after=(2, 4), guide=["freedom and rights"]*len(TEXTS))
+    assert all(x.tolist() == y.tolist() for x, y in zip(a.kept, per_text.kept))
+
+
+def test_guide_bad_inputs(enc):
+    with pytest.raises(InputError, match="one per text"):
+        enc.encode(TEXTS, ToDRE(keep=0.5), guide=["a", "b"])
+    with pytest.raises(InputError, match="non-empty"):
+        enc.encode(TEXTS[:1], ToDRE(keep=0.5), guide=" ")
+    with pytest.raises(InputError, match="transition"):
+        TransPrune(keep=0.5).prune(LayerState(torch.randn(5, 4)))
+    with pytest.raises(ConfigError, match="window"):
+        MustDrop(window=1)
+    with pytest.raises(ConfigError, match="exactly one"):
+        window_merge(torch.randn(5, 3), torch.randn(5, 3), torch.ones(5), torch.zeros(5, dtype=torch.bool))
