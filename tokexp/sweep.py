@@ -8,7 +8,7 @@ __all__ = ['EXECUTORS', 'WORKER_ENV', 'parse_sweep_values', 'sweep_grid', 'plan_
            'sweep_page_md', 'write_sweep_pages', 'cli_sweep']
 
 # %% ../nbs/52_sweep.ipynb #fa793b32
-import itertools, os, shutil, sys, time, datetime as _dt
+import contextlib, itertools, os, shutil, sys, time, datetime as _dt
 from pathlib import Path
 from typing import Any, Callable, Sequence
 from .core import (ConfigError, TokexpError, Registry, default_profile, load_settings, project_root, stable_hash,
@@ -85,7 +85,7 @@ def plan_sweep(experiment:str, # experiment name or template path
     sid = stable_hash({"experiment": tpl.stem, "profile": profile, "axes": typed, "zipped": zipped, "runs": rids}, 10)
     return {"sweep_id": sid, "experiment": tpl.stem, "template": str(tpl), "profile": profile, "axes": typed,
             "zipped": zipped, "fixed": fixed, "params": resolved,
-            "runs": [{"index": i, "values": c, "run_id": r, "status": "pending", "path": None, "seconds": 0.0, "error": ""}
+            "runs": [{"index": i, "values": c, "run_id": r, "status": "pending", "path": None, "wall_s": 0.0, "error": ""}
                      for i, (c, r) in enumerate(zip(combos, rids))]}
 
 def sweep_path(record:dict)->Path:
@@ -103,7 +103,7 @@ def run_task(task:dict # one combination: {"template", "params", "profile", "for
             )->dict:
     "Run one combination through the runner; its outcome as a plain dict (what travels back from a Ray worker)."
     r = run_experiment(task["template"], task["params"], task["profile"], force=task["force"], progress=False)
-    return {"run_id": r.run_id, "status": r.status, "path": str(r.path) if r.path else None, "seconds": round(r.seconds, 2),
+    return {"run_id": r.run_id, "status": r.status, "path": str(r.path) if r.path else None, "wall_s": round(r.seconds, 2),
             "error": r.error, "pid": os.getpid()}
 
 class Executor:
@@ -159,7 +159,15 @@ class RayExecutor(Executor):
             ray.init(address=self.address, **kw)
         else:
             n = self.num_cpus or max_parallel or min(2, os.cpu_count() or 1)
-            ray.init(num_cpus=n, include_dashboard=False, object_store_memory=self.object_store_mb * 2**20, **kw)
+            # the raylet aborts when its agents take over ~15 s to register, which a busy 2-core machine exceeds; allow 2 min
+            os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
+            for attempt in (1, 2):  # Ray gives its raylet 30 s to register, which a loaded small machine can miss once
+                try: ray.init(num_cpus=n, include_dashboard=False, object_store_memory=self.object_store_mb * 2**20, **kw); break
+                except Exception as e:
+                    with contextlib.suppress(Exception): ray.shutdown()
+                    if attempt == 2 or "timed out during startup" not in str(e):
+                        raise TokexpError(f"could not start a local Ray ({type(e).__name__}: {e}); on a busy machine retry, "
+                                          f"or run with --executor serial") from e
         return True
 
     def run(self, tasks, on_start, on_done, max_parallel=None):
@@ -183,7 +191,7 @@ class RayExecutor(Executor):
                     t = pending.pop(ref)
                     try: res = ray.get(ref)
                     except ray.exceptions.RayError as e:  # the worker died more often than max_retries allows
-                        res = {"run_id": t["run_id"], "status": "failed", "path": None, "seconds": 0.0, "pid": None,
+                        res = {"run_id": t["run_id"], "status": "failed", "path": None, "wall_s": 0.0, "pid": None,
                                "error": f"Ray task failed after {self.max_retries} retries: {type(e).__name__}: {str(e)[-1000:]}"}
                     on_done(t, res)
         finally:
@@ -227,7 +235,7 @@ def run_sweep(experiment:str, # experiment name or template path
     path, root = sweep_path(rec), reports_dir(rec["profile"])
     t0 = time.time()
     rec.update(executor=ex.name, max_parallel=max_parallel, status="running", metric=metric,
-               started=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), seconds=0.0)
+               started=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), wall_s=0.0)
     write_json(path, rec)
     tasks = [{"index": r["index"], "run_id": r["run_id"], "template": rec["template"], "params": p, "profile": rec["profile"],
               "force": force} for r, p in zip(rec["runs"], rec["params"])]
@@ -239,13 +247,13 @@ def run_sweep(experiment:str, # experiment name or template path
     def on_done(t, res):
         run = rec["runs"][t["index"]]
         p = Path(res["path"]) if res.get("path") else None
-        run.update(status=res["status"], seconds=res["seconds"], error=res["error"],
+        run.update(status=res["status"], wall_s=res["wall_s"], error=res["error"],
                    path=str(p.relative_to(root)) if p and p.is_relative_to(root) else (str(p) if p else None))
         counts["running"] -= 1; counts["finished" if res["status"] in ("ok", "reused") else "failed"] += 1
         bar.set_postfix(counts); bar.update(); write_json(path, rec)
     try: ex.run(tasks, on_start, on_done, max_parallel)
     except BaseException:
-        rec.update(status="interrupted", seconds=round(time.time() - t0, 2)); write_json(path, rec); raise
+        rec.update(status="interrupted", wall_s=round(time.time() - t0, 2)); write_json(path, rec); raise
     finally: bar.close()
     rec["table"] = [{**r["values"], "status": r["status"], "run_id": r["run_id"],
                      **(_scalar_metrics(root/r["path"]) if r["status"] in ("ok", "reused") and r["path"] else {})} for r in rec["runs"]]
@@ -255,7 +263,7 @@ def run_sweep(experiment:str, # experiment name or template path
     rec["metric"] = metric or (keys[0] if keys else None)
     rec["counts"] = {s: sum(r["status"] == s for r in rec["runs"]) for s in ("ok", "reused", "failed")}
     rec["status"] = "ok" if not rec["counts"]["failed"] else "failed"
-    rec["seconds"] = round(time.time() - t0, 2)
+    rec["wall_s"] = round(time.time() - t0, 2)
     if rec["metric"] and any(rec["metric"] in row for row in rec["table"]): rec["plot"] = plot_sweep(rec, path.with_suffix(".png")).name
     write_json(path, rec)
     return rec
@@ -302,7 +310,7 @@ def sweep_page_md(record:dict, # a sweep record
              f"{len(record['runs'])} combinations ({'zip' if record.get('zipped') else 'Cartesian product'} of {grid}) of "
              f"`{record['experiment']}` under the `{record['profile']}` profile, {record.get('executor', '?')} executor: "
              f"**{record.get('status', '?')}** — {c.get('ok', 0)} ran, {c.get('reused', 0)} reused, {c.get('failed', 0)} failed"
-             f" in {record.get('seconds', 0):.0f} s." + (f" Headline metric: `{m}`." if m else ""), ""]
+             f" in {record.get('wall_s', 0):.0f} s." + (f" Headline metric: `{m}`." if m else ""), ""]
     if record.get("fixed"):
         lines += ["Fixed parameters: " + ", ".join(f"`{k}={_cell(v)}`" for k, v in record["fixed"].items()) + ".", ""]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -364,9 +372,9 @@ def cli_sweep(argv:list[str]|None=None)->int:
         print(f"error: {e}", file=sys.stderr); return 2
     for r in rec["runs"]:
         vals = ", ".join(f"{k}={v}" for k, v in r["values"].items())
-        print(f"[{r['status']:>6}] {vals:<40} {r['run_id']}  {r['seconds']:7.1f}s  {r['path']}", file=sys.stderr)
+        print(f"[{r['status']:>6}] {vals:<40} {r['run_id']}  {r['wall_s']:7.1f}s  {r['path']}", file=sys.stderr)
         if r["status"] == "failed" and r["error"]: print(f"         error: {r['error'].strip().splitlines()[-1]}", file=sys.stderr)
     c = rec["counts"]
     print(f"sweep {rec['sweep_id']}: {c['ok'] + c['reused']}/{len(rec['runs'])} combinations finished ({c['reused']} reused, "
-          f"{c['failed']} failed) in {rec['seconds']:.0f} s; record: {sweep_path(rec)}", file=sys.stderr)
+          f"{c['failed']} failed) in {rec['wall_s']:.0f} s; record: {sweep_path(rec)}", file=sys.stderr)
     return 1 if c["failed"] else 0
