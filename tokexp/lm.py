@@ -4,15 +4,15 @@
 
 # %% auto #0
 __all__ = ['LM_DOMAINS', 'SPLIT_SALT', 'HELDOUT_EVERY', 'LMS', 'DEFAULT_LMS', 'Corpus', 'SPECIALS', 'TOKENIZER_VERSION', 'TINY',
-           'STAT_FIELDS', 'CROSS_FIELDS', 'TOKENSTATS_VERSION', 'split_records', 'lm_split', 'LMSpec', 'hf_config',
-           'count_params', 'lm_corpus', 'corpus_sha', 'tokenizer_key', 'train_tokenizer', 'pack_documents', 'lr_at',
-           'fit_lm', 'lm_cache_dir', 'model_key', 'lm_path', 'shared_tokenizer', 'train_lm', 'toy_corpus',
-           'resolve_device', 'load_lm', 'text_hash', 'TokenStats', 'sliding_windows', 'VocabMismatchError',
-           'vocab_hash', 'check_same_vocab', 'model_context', 'token_stats', 'model_identity', 'cached_token_stats',
-           'benchmark_token_stats', 'cli']
+           'HUB_SKIP', 'STAT_FIELDS', 'CROSS_FIELDS', 'TOKENSTATS_VERSION', 'split_records', 'lm_split', 'LMSpec',
+           'hf_config', 'count_params', 'lm_corpus', 'corpus_sha', 'tokenizer_key', 'train_tokenizer', 'pack_documents',
+           'lr_at', 'fit_lm', 'lm_cache_dir', 'model_key', 'lm_path', 'shared_tokenizer', 'train_lm', 'toy_corpus',
+           'resolve_device', 'load_lm', 'hub_cache_dir', 'export_to_hub_cache', 'text_hash', 'TokenStats',
+           'sliding_windows', 'VocabMismatchError', 'vocab_hash', 'check_same_vocab', 'model_context', 'token_stats',
+           'model_identity', 'cached_token_stats', 'benchmark_token_stats', 'cli']
 
 # %% ../nbs/20_lm.ipynb #64dcde1f
-import argparse, contextlib, hashlib, json, math, os, shutil, sys, tempfile, time, warnings
+import argparse, contextlib, hashlib, importlib.util, json, math, os, shutil, sys, tempfile, time, warnings
 from dataclasses import dataclass, field, asdict, replace, fields
 from functools import lru_cache
 from pathlib import Path
@@ -404,24 +404,31 @@ def load_lm(name_or_path:str|Path, # registry name, local folder, or "hf:<hub id
             train_if_missing:bool=False, # train an untrained registry model instead of raising
             cache_dir:str|Path|None=None, # reference-LM cache (default: settings.ini cache_dir)
             local_files_only:bool|None=None, # hub models: don't try the network (None: the profile's `offline` or HF_HUB_OFFLINE)
+            device_map:str|dict|None=None, # hub models: transformers' device_map ("auto", {"": 0}, ...; needs accelerate)
            ):
     "Load a causal LM and its tokenizer: `(model, tokenizer)` in eval mode on `device`."
     from transformers import AutoModelForCausalLM, AutoTokenizer
     dev = resolve_device(device)
     s = str(name_or_path)
-    with _quiet_transformers(): model, tok, name = _load(s, dev, dtype, train_if_missing, cache_dir, local_files_only)
-    model = model.to(dev).eval()
+    if device_map is not None:
+        if not s.startswith("hf:"): raise ConfigError(f"device_map is for hub models ('hf:<id>'); load {s!r} with device=... instead")
+        if importlib.util.find_spec("accelerate") is None:
+            raise ConfigError(f"device_map={device_map!r} needs the accelerate package (pip install accelerate), which tokexp does not "
+                              f"install; on one device pass device=... instead")
+    with _quiet_transformers(): model, tok, name = _load(s, dev, dtype, train_if_missing, cache_dir, local_files_only, device_map)
+    model = (model if device_map is not None else model.to(dev)).eval()
     model.tokexp_name = name
     if tok.pad_token_id is None: tok.pad_token = tok.eos_token  # hub GPT-2 has no PAD; padding is masked anyway
     return model, tok
 
-def _load(s, dev, dtype, train_if_missing, cache_dir, local_files_only):
+def _load(s, dev, dtype, train_if_missing, cache_dir, local_files_only, device_map=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if s.startswith("hf:"):
         hub_id, lfo = s[3:], _hub_offline() if local_files_only is None else local_files_only
         try:
             tok = AutoTokenizer.from_pretrained(hub_id, local_files_only=lfo)
-            model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=_resolve_dtype(dtype, dev, True), local_files_only=lfo)
+            model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=_resolve_dtype(dtype, dev, True), local_files_only=lfo,
+                                                         **({"device_map": device_map} if device_map is not None else {}))
         except (OSError, ValueError) as e:
             raise AssetMissingError(
                 f"cannot load hub model {hub_id!r}: {str(e).splitlines()[0]} The Hugging Face hub is unreachable from here or "
@@ -447,6 +454,49 @@ def _load(s, dev, dtype, train_if_missing, cache_dir, local_files_only):
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_resolve_dtype(dtype, dev, False))
     return model, tok, name
+
+# %% ../nbs/20_lm.ipynb #58f4717a
+def hub_cache_dir()->Path:
+    "The Hugging Face hub cache in effect: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`."
+    if os.environ.get("HF_HUB_CACHE"): return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser()/"hub"
+
+HUB_SKIP = ("train_log.json",)  # training records stay in tokexp's cache; the hub repo holds what from_pretrained reads
+
+def export_to_hub_cache(name_or_path:str|Path, # reference LM name (trained) or a save_pretrained folder
+                        repo_id:str|None=None, # hub id to appear under (default "tokexp/<name>")
+                        cache_dir:str|Path|None=None, # hub cache (default: `hub_cache_dir()`)
+                        lm_cache:str|Path|None=None, # tokexp's reference-LM cache (default: settings.ini cache_dir)
+                       )->Path:
+    "Write a model folder (weights, config, tokenizer) into the hub cache layout as `repo_id`; returns the snapshot folder."
+    s = str(name_or_path)
+    if s in LMS:
+        src = lm_path(LMS[s], cache_dir=lm_cache)
+        if not (src/"train_log.json").exists():
+            raise AssetMissingError(f"reference LM {s!r} is not trained yet (expected in {src}); run `tokexp lm train {s}` first")
+    elif Path(s).expanduser().is_dir(): src = Path(s).expanduser().resolve()
+    else: raise ConfigError(f"{s!r} is neither a reference LM ({', '.join(LMS.names())}) nor a model folder")
+    repo_id = repo_id or f"tokexp/{Path(s).name}"
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ConfigError(f"repo_id must look like 'org/name', got {repo_id!r}")
+    files = sorted(f for f in src.iterdir() if f.is_file() and f.name not in HUB_SKIP and not f.name.startswith("."))
+    if not any(f.name == "config.json" for f in files): raise InputError(f"{src} holds no config.json: not a save_pretrained folder")
+    repo = Path(cache_dir or hub_cache_dir())/f"models--{repo_id.replace('/', '--')}"
+    shas = {f.name: sha256_file(f) for f in files}
+    rev = hashlib.sha1(json.dumps(shas, sort_keys=True).encode()).hexdigest()
+    snap = repo/"snapshots"/rev
+    for f in files:
+        blob = repo/"blobs"/shas[f.name]
+        if not blob.exists():
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            tmp = blob.with_name(f".{blob.name}.tmp"); shutil.copyfile(f, tmp); os.replace(tmp, blob)
+        link = snap/f.name; snap.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.exists(): link.unlink()
+        link.symlink_to(os.path.relpath(blob, snap))
+    (repo/"refs").mkdir(parents=True, exist_ok=True)
+    with atomic_write(repo/"refs"/"main") as fh: fh.write(rev)
+    return snap
 
 # %% ../nbs/20_lm.ipynb #31a49b35
 STAT_FIELDS = ("logp", "rank", "entropy", "max_logp", "mass_geq", "mean_logp", "var_logp")

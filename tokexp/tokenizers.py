@@ -24,7 +24,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from .core import (Registry, ConfigError, AssetMissingError, IntegrityError, InputError, TokexpError,
-                         unknown_name_message, sha256_file)
+                         unknown_name_message, sha256_file, load_settings, default_profile)
 
 # %% ../nbs/02_tokenizers.ipynb #6a600f41
 def as_text(text:str|bytes, # one input: a str, or bytes that must be valid UTF-8
@@ -217,16 +217,26 @@ class HFTokenizer(Tokenizer):
 
     @classmethod
     def from_hub(cls, repo:str, # hub id, e.g. "Qwen/Qwen2.5-0.5B"
-                 name:str|None=None, family:str="", **kw)->"HFTokenizer":
+                 name:str|None=None, family:str="",
+                 local_files_only:bool|None=None, # only the local HF cache (None: HF_HUB_OFFLINE=1 or the profile's `offline`)
+                 **kw)->"HFTokenizer":
         "Load a hub tokenizer through `transformers.AutoTokenizer` (needs network or a warm HF cache)."
+        if local_files_only is None:
+            local_files_only = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+            if not local_files_only:
+                try: local_files_only = bool(load_settings().profile(default_profile()).get("offline", False))
+                except ConfigError: pass
         try:
             from transformers import AutoTokenizer
-            at = AutoTokenizer.from_pretrained(repo)
+            at = AutoTokenizer.from_pretrained(repo, local_files_only=local_files_only)
         except Exception as e:
+            where = ("it is not in the local HF cache (offline: HF_HUB_OFFLINE=1 or the profile has offline = true)"
+                     if local_files_only else "the hub is not reachable from this machine and it is not in the local HF cache")
             raise AssetMissingError(
                 f"cannot load hub tokenizer {repo!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
-                "The hub is not reachable from this machine (offline profile). Fix: run where huggingface.co is reachable "
-                "(e.g. `--profile gpu`), or download the repo's tokenizer.json and pass its local path to load_tokenizer().") from None
+                f"{where[0].upper() + where[1:]}. Fix: run where huggingface.co is reachable "
+                "(e.g. `--profile gpu`; pre-download with `hf download REPO`), or download the repo's tokenizer.json and pass "
+                "its local path to load_tokenizer().") from None
         bt = getattr(at, "backend_tokenizer", None) or getattr(at, "_tokenizer", None)
         if bt is None: raise ConfigError(f"hub tokenizer {repo!r} has no fast (Rust) backend; save it as tokenizer.json first")
         return cls(bt, name=name or f"hf:{repo}", family=family, **kw)
