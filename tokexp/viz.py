@@ -9,7 +9,7 @@ __all__ = ['MAX_TOKENS', 'CSS', 'VIEWS', 'GLTR_COLOURS', 'SHADES', 'CATEGORICAL'
            'show_kv', 'EncoderView', 'show_encoder_pruning', 'CompareView', 'boundaries', 'compare_tokenizers',
            'compare_models']
 
-# %% ../nbs/25_viz.ipynb #7749e4d1
+# %% ../nbs/25_viz.ipynb #74a432c0
 import html as _html, itertools, math, unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,7 +19,7 @@ import numpy as np
 
 from .core import Registry, InputError, ConfigError, atomic_write
 
-# %% ../nbs/25_viz.ipynb #06878d63
+# %% ../nbs/25_viz.ipynb #e46e2387
 MAX_TOKENS = 20_000  # default limit of tokens per view (truncate with a message, or refuse with truncate=False)
 
 def esc(s:Any)->str:
@@ -39,7 +39,7 @@ def check_limit(n:int, # tokens the view would show
                          f"max_tokens={n} (rendering slows down and pages grow, ~150 bytes per token), or truncate=True")
     return max_tokens, f"Showing the first {max_tokens:,} of {n:,} tokens (view limit max_tokens={max_tokens:,})."
 
-# %% ../nbs/25_viz.ipynb #a57f3bc1
+# %% ../nbs/25_viz.ipynb #5982c683
 CSS = """
 .tx-view{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;font-size:14px;line-height:1.9;color:#111;margin:6px 0 14px 0}
 .tx-view h4{margin:4px 0;font-size:14px}
@@ -114,7 +114,7 @@ class Views(View):
     name = "views"
     def body(self)->str: return "".join(v.html() for v in self.views)
 
-# %% ../nbs/25_viz.ipynb #8a0b6664
+# %% ../nbs/25_viz.ipynb #58a8edb9
 def _rgb(h:str)->tuple: h = h.lstrip("#"); return tuple(int(h[i:i+2], 16) for i in (0, 2, 4))
 
 def ramp(x:float, # value in [0, 1] (clipped; NaN gives the neutral grey)
@@ -138,7 +138,7 @@ GLTR_COLOURS = ("#86efac", "#fde047", "#fca5a5", "#d8b4fe")  # top-10, top-100, 
 SHADES = ("#dbeafe", "#fde68a")  # alternating token shades of the boundary view
 CATEGORICAL = ("#93c5fd", "#fca5a5", "#86efac", "#fdba74", "#c4b5fd", "#f9a8d4", "#67e8f9", "#bef264", "#fcd34d", "#a5b4fc")
 
-# %% ../nbs/25_viz.ipynb #a864c45c
+# %% ../nbs/25_viz.ipynb #af2ad5a4
 @dataclass
 class Piece:
     "One token of a text: id, what it covers and how to show it."
@@ -239,7 +239,7 @@ def as_tokenizer(tok):
         return cached
     raise InputError(f"expected a tokexp Tokenizer, a zoo name or a transformers fast tokenizer, got {type(tok).__name__}")
 
-# %% ../nbs/25_viz.ipynb #4dec0f92
+# %% ../nbs/25_viz.ipynb #1e83a954
 def _show(s:str)->str:
     "Escaped `s` with whitespace made visible and a dotted circle before a leading combining mark."
     if s and unicodedata.category(s[0]).startswith("M"): s = "\u25cc" + s
@@ -356,7 +356,7 @@ def show_tokens(text:str, # the text
     if not tokenizers: raise InputError("show_tokens needs at least one tokenizer, e.g. show_tokens(text, 'gpt2', 'llama-2')")
     return TokenView.build(text, list(tokenizers), **kw)
 
-# %% ../nbs/25_viz.ipynb #2ce988f7
+# %% ../nbs/25_viz.ipynb #649bc11f
 def distribution_kurtosis(logits, # [..., V] logits (torch tensor)
                          ):
     "Excess kurtosis of the V probabilities of each distribution, as `scipy.stats.kurtosis(softmax(logits))` (float64)."
@@ -375,7 +375,7 @@ def uncertainty_scores(logp:np.ndarray, # [n] log p(x_t) of the scored tokens of
     return {"geometric_mean_p": float(np.exp(logp.mean())), "arithmetic_mean_p": float(np.exp(logp).mean()),
             "mean_kurtosis": float(kurtosis.mean())}
 
-# %% ../nbs/25_viz.ipynb #6ef1802b
+# %% ../nbs/25_viz.ipynb #91a1b444
 @dataclass
 class ModelStats:
     "One text under one model: its pieces, TokenStats row, top-k alternatives and distribution kurtosis."
@@ -440,6 +440,7 @@ def model_stats(model, # a causal LM (`lm.load_lm`)
                 top_k:int=5, # alternatives per position in the hover card
                 max_tokens:int|None=MAX_TOKENS, # view limit
                 truncate:bool=True, # beyond the limit: truncate the text (True) or refuse (False)
+                batch_size:int=16, # windows per forward pass (both passes)
                )->ModelStats:
     "TokenStats of `text` plus one extra pass for top-k alternatives and distribution kurtosis."
     import torch
@@ -452,7 +453,7 @@ def model_stats(model, # a causal LM (`lm.load_lm`)
         ps = token_pieces(text, tokenizer, ids)
         text = text[:ps[n - 1].end]
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    st = token_stats(model, tokenizer, [text], other=other)
+    st = token_stats(model, tokenizer, [text], other=other, batch_size=batch_size)
     W, stride = st.meta["max_length"], st.meta["stride"]
     seq = ([tokenizer.bos_token_id] if st.meta["add_bos"] else []) + list(ids)
     off = 1 if st.meta["add_bos"] else 0
@@ -460,13 +461,20 @@ def model_stats(model, # a causal LM (`lm.load_lm`)
     top_i, top_p, kurt = np.zeros((T, top_k), np.int64), np.zeros((T, top_k)), np.zeros(T)
     dev = next(model.parameters()).device
     V = st.meta["vocab_size"]
+    wins = sliding_windows(len(seq), W, stride)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with torch.inference_mode():
-        for s, e, f in sliding_windows(len(seq), W, stride):
-            lg = model(input_ids=torch.tensor([seq[s:e]], device=dev), use_cache=False).logits[0, f - 1 - s:e - 1 - s, :V].float()
-            p = torch.softmax(lg, -1)
-            tp, ti = p.topk(min(top_k, V), -1)
-            top_i[f - off:e - off, :ti.shape[1]], top_p[f - off:e - off, :tp.shape[1]] = ti.cpu().numpy(), tp.cpu().numpy()
-            kurt[f - off:e - off] = distribution_kurtosis(lg).cpu().numpy()
+        for b in range(0, len(wins), batch_size):  # right-padded batches: causal attention keeps padding out of every row
+            bw = wins[b:b + batch_size]
+            Lb = max(e - s for s, e, _ in bw)
+            x = torch.full((len(bw), Lb), pad, dtype=torch.long); am = torch.zeros((len(bw), Lb), dtype=torch.long)
+            for r, (s, e, f) in enumerate(bw): x[r, :e - s] = torch.tensor(seq[s:e]); am[r, :e - s] = 1
+            logits = model(input_ids=x.to(dev), attention_mask=am.to(dev), use_cache=False).logits
+            for r, (s, e, f) in enumerate(bw):
+                lg = logits[r, f - 1 - s:e - 1 - s, :V].float()
+                tp, ti = torch.softmax(lg, -1).topk(min(top_k, V), -1)
+                top_i[f - off:e - off, :ti.shape[1]], top_p[f - off:e - off, :tp.shape[1]] = ti.cpu().numpy(), tp.cpu().numpy()
+                kurt[f - off:e - off] = distribution_kurtosis(lg).cpu().numpy()
     m = st.mask[0]
     pieces = token_pieces(text, tokenizer, st.ids[0][m].tolist())
     names = tokenizer.convert_ids_to_tokens(top_i.ravel().tolist())
@@ -478,7 +486,7 @@ def model_stats(model, # a causal LM (`lm.load_lm`)
     return ModelStats(text, pieces, st, top_i[m[:T]], top_p[m[:T]], [t for t, keep in zip(tops, m[:T]) if keep],
                       kurt[m[:T]], _model_name(model), note)
 
-# %% ../nbs/25_viz.ipynb #e63fcff7
+# %% ../nbs/25_viz.ipynb #c48a6d60
 def _scale(stat:str, v:np.ndarray)->tuple[list[str], str]:
     "(colour per value, legend HTML) of a statistic."
     if stat == "gltr":
@@ -549,16 +557,20 @@ def show_stats(model, tokenizer, text:str, # model, its tokenizer and one text
     if isinstance(stat, str): return StatsView(ms, stat)
     return Views([StatsView(ms, s) for s in stat])
 
-# %% ../nbs/25_viz.ipynb #cac5ead1
+# %% ../nbs/25_viz.ipynb #eb8dab7b
 def running_test(wm, # the watermark scheme
                  st:np.ndarray, # [n] per-token statistics of one text
                  scored:np.ndarray, # [n] bool, which positions count
                  chunk:int=256, # prefixes tested per call
                 )->tuple[np.ndarray, np.ndarray]:
-    "(z, p-value) of the scheme's test on every prefix of one text, `[n]` each."
+    "(z, p-value) of the scheme's test on every prefix of one text, `[n]` each (cumulative sums when the test is of the sum)."
     st, scored = np.nan_to_num(np.asarray(st, np.float64)), np.asarray(scored, bool)
     n = len(st)
     z, p = np.zeros(n), np.ones(n)
+    from tokexp.watermark import Watermark
+    if getattr(type(wm), "test_texts", None) is getattr(Watermark, "test_texts", None):  # the default test of the sum: cumulative sums
+        z, p = wm.test(np.cumsum(np.where(scored, st, 0.0)), np.cumsum(scored))
+        return np.asarray(z, np.float64), np.asarray(p, np.float64)
     pos = np.arange(n)
     for a in range(0, n, chunk):
         rows = np.arange(a, min(n, a + chunk))
@@ -653,7 +665,7 @@ def show_watermark(wm, # the watermark scheme (with its key)
     if note: v.title += f" — {note}"
     return v
 
-# %% ../nbs/25_viz.ipynb #3b306b1e
+# %% ../nbs/25_viz.ipynb #e9728b00
 KV_CODES = {0: "evicted", 1: "kept", 2: "sink", 3: "recent"}
 KV_COLOURS = {0: "#f3f4f6", 1: "#3b82f6", 2: "#1e3a8a", 3: "#22c55e"}
 
@@ -778,7 +790,7 @@ def show_kv(model, tokenizer, text:str, # model, its (HF) tokenizer, the prompt
     off = ids.shape[1] - len(tokenizer(text, add_special_tokens=False)["input_ids"])
     return KVView(text, token_pieces(text, tokenizer, ids[0, off:].tolist()), km, off)
 
-# %% ../nbs/25_viz.ipynb #d7120968
+# %% ../nbs/25_viz.ipynb #f20367cc
 @VIEWS.register("encoder")
 @dataclass(repr=False)
 class EncoderView(View):
@@ -845,7 +857,7 @@ def show_encoder_pruning(encoder, # a `prune.encoder.PrunedEncoder`
         rows.append((label, r.assign[0].numpy(), float(cosine_fidelity(ref.embeddings, r.embeddings)[0])))
     return EncoderView(text, _encoder_pieces(text, encoder.tok, enc), rows)
 
-# %% ../nbs/25_viz.ipynb #4c7f2b06
+# %% ../nbs/25_viz.ipynb #bcf9de22
 @VIEWS.register("compare")
 @dataclass(repr=False)
 class CompareView(View):
