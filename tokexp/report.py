@@ -94,7 +94,7 @@ def resolve_parameters(name:str, # experiment
                        profile:str|None=None, # run profile
                        from_cli:bool=False, # values are raw strings
                       )->dict[str, Any]:
-    "Final parameters: template defaults < profile keys the template declares < `[profile:experiment]` < `params`."
+    "Final parameters: template defaults < profile keys the template declares < `[base:experiment]` < `[profile:experiment]` < `params`."
     profile = profile or default_profile()
     st = load_settings(); prof = st.profile(profile)
     decl = template_parameters(name)
@@ -106,9 +106,12 @@ def resolve_parameters(name:str, # experiment
     out = {k: p.default for k, p in decl.items()}
     for k, v in prof.items():
         if k in decl: out[k] = coerce_param(decl[k], v)
-    for k, v in st.overrides(profile, Path(name).stem).items():
-        if k not in decl: raise ConfigError(f"settings.ini section [{profile}:{name}] sets {k!r}, which {name!r} does not declare")
-        out[k] = coerce_param(decl[k], v)
+    bases = [b.strip() for b in str(prof.get("overrides_from") or "").split(",") if b.strip()]
+    for b in bases: st.profile(b)  # an unknown base profile is a ConfigError naming the valid ones
+    for sec in [*bases, profile]:  # `overrides_from = cpu`: [cpu:NAME] first, then this profile's own [profile:NAME]
+        for k, v in st.overrides(sec, Path(name).stem).items():
+            if k not in decl: raise ConfigError(f"settings.ini section [{sec}:{name}] sets {k!r}, which {name!r} does not declare")
+            out[k] = coerce_param(decl[k], v)
     for k, v in params.items(): out[k] = coerce_param(decl[k], v, from_cli=from_cli)
     if "profile" in decl: out["profile"] = profile
     return out
