@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['REPORT_ENV', 'KERNEL_ARGS', 'SITE_REMOVE', 'experiments_dir', 'list_experiments', 'experiment_path', 'Param',
            'template_parameters', 'coerce_param', 'resolve_parameters', 'reports_dir', 'run_id', 'RunResult',
-           'save_metrics', 'output_dir_for', 'metric_value', 'metrics_schema', 'describe_metrics', 'report_table',
-           'report_env', 'run_experiment', 'run_experiments', 'cli_run']
+           'save_metrics', 'output_dir_for', 'metric_value', 'metrics_schema', 'describe_metrics', 'ReportTable',
+           'report_table', 'report_env', 'run_experiment', 'run_experiments', 'cli_run']
 
 # %% ../nbs/50_report.ipynb #2bfa9d4b
 import contextlib, json, os, re, shutil, signal, sys, tempfile, time, traceback, datetime as _dt
@@ -195,7 +195,8 @@ def metrics_schema(metrics:dict, # the metrics to describe
         if unit == "s" and not k.endswith("_s"): errs.append(f"{k!r} has unit 's': name it {k.rsplit('_', 1)[0] if _TIME_LIKE.search(k) else k}_s")
         out[k] = {"unit": unit, "meaning": (meaning or "").strip()}
     times = [k for k, _ in _flatten(metrics) if not k.startswith("_") and not k.split(".")[-1].isdigit()
-             and _TIME_LIKE.search(k.split(".")[-1]) and not k.split(".")[-1].endswith("_s")]
+             and _TIME_LIKE.search(k.split(".")[-1]) and not k.split(".")[-1].endswith("_s")
+             and "per_" not in k.split(".")[-1]]  # rates (tokens_per_second) are not times
     if times: errs.append(f"times must be named *_s (seconds): rename {times[:6]}")
     if errs: raise InputError("metrics schema: " + "; ".join(errs))
     return out
@@ -211,13 +212,20 @@ def describe_metrics(metrics:dict|str|Path, # a metrics dict or the path of a me
                   if not k.startswith("_") and isinstance(v, (int, float, str, bool))]
     return pd.DataFrame(rows, columns=["key", "value", "unit", "meaning"])
 
+class ReportTable:
+    "A table as a report shows it: HTML without the index in notebooks and on the site, plain text elsewhere."
+    def __init__(self, df, styler): self.df, self.styler = df, styler
+    def _repr_html_(self)->str: return self.styler.to_html()
+    def to_html(self)->str: return self.styler.to_html()
+    def __repr__(self)->str: return self.df.to_string(index=False, max_colwidth=60)
+
 def report_table(df, # the DataFrame to show
                  precision:int=3, # digits after the point for floats
                  caption:str|None=None, # optional caption above the table
-                ):
-    "A DataFrame as a report shows it: no index, floats rounded, every row and column (a pandas `Styler`)."
+                )->ReportTable:
+    "A DataFrame as a report shows it: no index, floats rounded, every row and column shown."
     sty = df.style.hide(axis="index").format(precision=precision, na_rep="–")
-    return sty.set_caption(caption) if caption else sty
+    return ReportTable(df, sty.set_caption(caption) if caption else sty)
 
 # %% ../nbs/50_report.ipynb #990516c8
 # An executed report reads as a report: no progress bars (tqdm, the hub's and transformers' loading bars) and no
