@@ -23,7 +23,7 @@ class DynamicSelector:
 
     def reset(self, n_layers:int): # attention layers of the model
         "Forget per-sequence state (called at every prefill)."
-        self.n_layers, self.stats = n_layers, dict(selections=0, reused=0, dense=0, sparse=0, attended=0, available=0)
+        self.n_layers, self.stats = n_layers, dict(selections=0, reused=0, dense=0, sparse=0, attended=0, available=0, dense_available=0)
 
     def select(self, layer:int, # layer index
                q:torch.Tensor, # [B, Hq, 1, D] the current query (post-RoPE)
@@ -231,9 +231,10 @@ class dynamic_select:
 
     @property
     def stats(self)->dict:
-        "Selections made, Selection Cache reuses, dense and sparse layer-steps, mean fraction of positions attended (sparse steps)."
+        "Selections, Selection Cache reuses, dense/sparse layer-steps, fraction of positions attended (sparse steps; all steps)."
         s = dict(self.selector.stats)
         s["attended_fraction"] = s["attended"] / s["available"] if s["available"] else 1.0
+        s["attended_fraction_all"] = (s["attended"] + s["dense_available"]) / max(1, s["available"] + s["dense_available"])
         return s
 
     def _attend(self, module, query, key, value, mask, dropout, scaling, **kwargs):
@@ -249,7 +250,7 @@ class dynamic_select:
         idx = self.selector.select(li, query, key, scale=scale, valid=valid)
         st = self.selector.stats
         if idx is None:
-            st["dense"] += 1
+            st["dense"] += 1; st["dense_available"] += N
             return _dense_fn(module, self.orig)(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
         st["sparse"] += 1; st["attended"] += idx.shape[-1]; st["available"] += N
         out = sparse_decode_attention(query, key, value, idx.to(key.device), scale=scale, valid=valid, impl=self.impl)

@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['POLICIES', 'LLAMA_FAMILY', 'SUPPORTED_MODELS', 'CACHE_KEYWORDS', 'CACHE_ALIASES', 'PrunePolicy', 'select_keep',
            'gather_positions', 'make_policy', 'H2O', 'attend_to', 'SnapKV', 'TOVA', 'A2SF', 'StreamingLLM', 'LazyLLM',
-           'RandomPolicy', 'KeyNorm', 'attention_layers', 'module_queries', 'cache_keyword', 'cache_layers', 'kv_bytes',
-           'evict', 'prompt_ids']
+           'RandomPolicy', 'KeyNorm', 'PyramidKV', 'PrefixKV', 'ZipVL', 'nearest_anchor', 'KVCrush', 'ElasticCache',
+           'attention_layers', 'module_queries', 'cache_keyword', 'cache_layers', 'kv_bytes', 'evict', 'prompt_ids']
 
 # %% ../../nbs/41_prune.ipynb #80434913
 import math, warnings, inspect
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from ..core import Registry, ConfigError, InputError
 from ..kernels.attention import attention_importance, h2o_weights, window_weights, last_query_weights, a2sf_weights
+from .budgets import BudgetAllocator, PyramidKVBudget, PrefixKVBudget, ZipVLBudget
 
 # %% ../../nbs/41_prune.ipynb #75837e56
 def _check_budget(b, what="budget"):
@@ -38,6 +39,7 @@ class PrunePolicy:
     per_head: bool = True # select per KV head (equal counts per head); False: one selection shared by a layer's heads
     layer_budgets: Sequence|None = None # optional budget per layer (overrides `budget`; same kinds as `budget`)
     progressive: float = 0.0 # in [0, 1): ratio budgets shrink linearly with depth, (1+p)·b at layer 0 to (1−p)·b at the last
+    allocator: BudgetAllocator|None = None # per-layer counts chosen from all layers' scores at each eviction (tokexp.prune.budgets: PyramidKV, PrefixKV, ZipVL)
     name: ClassVar[str] = "base"
     needs_attention: ClassVar[bool] = True # scores need queries (and the importance kernel)
     query_window: ClassVar[int|None] = None # how many of the most recent queries `scores` uses (None: all since the last eviction)
@@ -54,6 +56,8 @@ class PrunePolicy:
         r = self.recent
         if isinstance(r, bool) or not isinstance(r, (int, float)) or r < 0 or (isinstance(r, float) and r > 1):
             raise ConfigError(f"recent must be an int count >= 0 or a float fraction in [0, 1] of the kept positions, got {r!r}")
+        if self.allocator is not None and not isinstance(self.allocator, BudgetAllocator):
+            raise ConfigError(f"allocator must be None or a tokexp.prune.budgets.BudgetAllocator (BUDGETS: pyramidkv, prefixkv, zipvl), got {type(self.allocator).__name__}")
         if not (isinstance(self.progressive, (int, float)) and 0 <= self.progressive < 1):
             raise ConfigError(f"progressive must be in [0, 1) (0: the same ratio in every layer), got {self.progressive!r}")
 
@@ -146,9 +150,18 @@ def _prune(self:PrunePolicy, q:torch.Tensor|None, # [B, Hq, Nq, D] queries (None
     s = self.scores(q, k, past, scale=scale, layer=layer)
     if n_keep >= N: return k, v, None, s
     idx = self.select(s, n_keep, valid)
-    return gather_positions(k, idx), gather_positions(v, idx), idx, s
+    k2, v2 = self.compact(k, v, idx, valid)
+    return k2, v2, idx, s
 
-PrunePolicy.select, PrunePolicy.prune = _select, _prune
+def _compact(self:PrunePolicy, k:torch.Tensor, # [B, Hkv, N, D] keys
+             v:torch.Tensor, # [B, Hkv, N, Dv] values
+             idx:torch.Tensor, # [B, Hkv, K] kept positions (sorted)
+             valid:torch.Tensor|None=None, # [B, N] bool padding mask
+            )->tuple:
+    "The compacted (k', v') at the kept positions: a gather (merging policies override this)."
+    return gather_positions(k, idx), gather_positions(v, idx)
+
+PrunePolicy.select, PrunePolicy.prune, PrunePolicy.compact = _select, _prune, _compact
 
 # %% ../../nbs/41_prune.ipynb #0cd6e404
 POLICIES = Registry("KV pruning policy", PrunePolicy)
@@ -279,6 +292,100 @@ class KeyNorm(PrunePolicy):
     needs_attention: ClassVar[bool] = False
     def scores(self, q, k, past=None, *, scale=None, layer=0):
         return -k.float().norm(dim=-1)
+
+# %% ../../nbs/41_prune.ipynb #f3d33b90
+@POLICIES.register("pyramidkv")
+@dataclass
+class PyramidKV(SnapKV):
+    "PyramidKV: SnapKV scores (window 8, max-pool 7) with budgets decreasing linearly with depth (β = 20)."
+    window: int = 8 # PyramidKV reference: 8
+    kernel: int = 7 # PyramidKV reference: 7
+    pooling: str = "max" # PyramidKV reference: max-pooling
+    allocator: BudgetAllocator|None = field(default_factory=PyramidKVBudget)
+    name: ClassVar[str] = "pyramidkv"
+
+@POLICIES.register("prefixkv")
+@dataclass
+class PrefixKV(H2O):
+    "PrefixKV: accumulated-attention priority; per-layer counts from one global cumulative-priority threshold (binary search)."
+    allocator: BudgetAllocator|None = field(default_factory=PrefixKVBudget)
+    name: ClassVar[str] = "prefixkv"
+
+@POLICIES.register("zipvl")
+@dataclass
+class ZipVL(SnapKV):
+    "ZipVL: normalized attention of the last 64 queries; each layer keeps the fewest tokens covering tau of the mass."
+    window: int = 64 # queries whose attention is measured
+    kernel: int = 1 # no pooling
+    allocator: BudgetAllocator|None = field(default_factory=ZipVLBudget)
+    name: ClassVar[str] = "zipvl"
+
+# %% ../../nbs/41_prune.ipynb #aa0f0383
+def nearest_anchor(idx:torch.Tensor, # [B, H, K] sorted kept positions
+                   n:int, # sequence length N
+                  )->torch.Tensor:
+    "[B, H, N] slot (0..K-1) of the kept position nearest to each position (ties: the earlier one)."
+    pos = torch.arange(n, device=idx.device).expand(*idx.shape[:2], n).contiguous()
+    r = torch.searchsorted(idx.contiguous(), pos).clamp(max=idx.shape[-1] - 1)
+    l = (r - 1).clamp(min=0)
+    dl = (pos - idx.gather(-1, l)).abs(); dr = (idx.gather(-1, r) - pos).abs()
+    return torch.where(dr < dl, r, l)
+
+@POLICIES.register("kvcrush")
+@dataclass
+class KVCrush(H2O):
+    "KVCrush: important tokens plus one representative per bucket of evicted tokens grouped by binary head-behaviour signatures."
+    share: float = 0.25 # fraction of the kept positions spent on representatives (a choice)
+    per_head: bool = False # one selection per layer: signatures span the heads
+    seed: int = 0 # anchor signature seed
+    name: ClassVar[str] = "kvcrush"
+    def __post_init__(self):
+        super().__post_init__()
+        if not (isinstance(self.share, (int, float)) and 0 <= self.share < 1): raise ConfigError(f"KVCrush share must be in [0, 1), got {self.share!r}")
+    def select(self, scores, n_keep, valid=None):
+        B, H, N = scores.shape
+        n_rep = int(self.share * n_keep); n_imp = n_keep - n_rep
+        recent = round(self.recent * n_imp) if isinstance(self.recent, float) else self.recent
+        imp = select_keep(scores.sum(1, keepdim=True), n_imp, sinks=self.sinks, recent=recent, valid=valid)[:, 0]  # [B, n_imp]
+        if n_rep == 0: return imp[:, None].expand(B, H, n_imp).contiguous()
+        thr = scores.float().topk(min(n_keep, N), dim=-1).values[..., -1:]  # [B, H, 1]
+        sig = scores.float() >= thr  # [B, H, N] binary head behaviour
+        anchor = torch.rand(H, generator=torch.Generator().manual_seed(self.seed)).to(scores.device) < 0.5
+        dist = (sig != anchor[None, :, None]).sum(1)  # [B, N] Hamming distance to the anchor
+        out = []
+        for b in range(B):
+            ev = torch.ones(N, dtype=torch.bool, device=scores.device); ev[imp[b]] = False
+            if valid is not None: ev &= valid[b]
+            cand = ev.nonzero()[:, 0]
+            if cand.numel() == 0: reps = imp[b, :0]
+            else:
+                order = cand[torch.argsort(dist[b, cand] * (N + 1) + cand)]  # by distance, then position
+                reps = torch.stack([chunk[0] for chunk in torch.tensor_split(order, min(n_rep, order.numel())) if chunk.numel()])
+            keep = torch.cat([imp[b], reps])
+            if keep.numel() < n_keep:  # fewer evicted tokens than slots: fill with the next most important
+                s = scores[b].sum(0).float().clone(); s[keep] = float("-inf")
+                if valid is not None: s[~valid[b]] = float("-inf")
+                keep = torch.cat([keep, s.topk(n_keep - keep.numel()).indices])
+            out.append(keep.sort().values)
+        return torch.stack(out)[:, None].expand(B, H, n_keep).contiguous()
+
+@POLICIES.register("elastic")
+@dataclass
+class ElasticCache(H2O):
+    "Elastic Cache: important entries are anchors; every other entry is merged (averaged) into its nearest anchor by position."
+    recent: int|float = 0.0 # no forced window: merging keeps the recent context in the last anchors
+    name: ClassVar[str] = "elastic"
+    def compact(self, k, v, idx, valid=None):
+        B, H, N, D = k.shape; K = idx.shape[-1]
+        g = nearest_anchor(idx, N)  # [B, H, N]
+        w = torch.ones(B, H, N, dtype=torch.float32, device=k.device) if valid is None else valid[:, None].expand(B, H, N).float()
+        cnt = torch.zeros(B, H, K, device=k.device).scatter_add_(2, g, w)
+        def merge(t):
+            tot = torch.zeros(B, H, K, t.shape[-1], dtype=torch.float32, device=t.device)
+            tot.scatter_add_(2, g[..., None].expand(B, H, N, t.shape[-1]), t.float() * w[..., None])
+            m = tot / cnt.clamp(min=1)[..., None]
+            return torch.where(cnt[..., None] > 0, m, gather_positions(t, idx).float()).to(t.dtype)
+        return merge(k), merge(v)
 
 # %% ../../nbs/41_prune.ipynb #2e90f8a0
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
@@ -542,11 +649,9 @@ def _model_post(self:evict, module, args, kwargs, output):
     before = kv_bytes(cache) if self.track else None
     kept = []
     with torch.no_grad():
+        ins = []  # per layer: (past, q, valid) of this eviction
         for li, m, kind in self.layers:
-            layer = layers[li]
-            k, v = layer.keys, layer.values
-            B, H, N, _ = k.shape
-            n_keep = self.policy.keep_count(st.n_seen, li, self.n_layers)
+            N = layers[li].keys.shape[2]
             past = st.past[li]
             if past is not None and past.shape[-1] < N: past = F.pad(past, (0, N - past.shape[-1]))
             q = torch.cat(st.queries[li], 2) if st.queries[li] else None
@@ -555,14 +660,29 @@ def _model_post(self:evict, module, args, kwargs, output):
             if valid is not None and valid.shape[-1] < N: valid = F.pad(valid, (0, N - valid.shape[-1]), value=True)
             if valid is None and prefill and self._am2d is not None and not bool(self._am2d.bool().all()):
                 valid = self._am2d[:, -N:].bool()
+            ins.append((past, q, valid))
+        counts = [self.policy.keep_count(st.n_seen, li, self.n_layers) for li, _, _ in self.layers]
+        pre = None
+        if self.policy.allocator is not None:  # budgets from every layer's scores at once (two passes)
+            pre = [self.policy.scores(q, layers[li].keys, past, scale=getattr(m, "scaling", None), layer=li)
+                   for (li, m, _), (past, q, valid) in zip(self.layers, ins)]
+            counts = [int(c) for c in self.policy.allocator.layer_counts(pre, counts, st.n_seen)]
+            if len(counts) != self.n_layers or min(counts) < 1:
+                raise ConfigError(f"{type(self.policy.allocator).__name__}.layer_counts returned {counts}: need one count >= 1 per layer ({self.n_layers})")
+        for i, (li, m, kind) in enumerate(self.layers):
+            layer = layers[li]
+            k, v = layer.keys, layer.values
+            B, H, N, _ = k.shape
+            n_keep = counts[i]
+            past, q, valid = ins[i]
             if n_keep >= N and not self.force:
                 if self.policy.accumulates and q is not None:
-                    st.past[li] = self.policy.scores(q, k, past, scale=getattr(m, "scaling", None), layer=li)
+                    st.past[li] = pre[i] if pre is not None else self.policy.scores(q, k, past, scale=getattr(m, "scaling", None), layer=li)
                 st.valid[li] = valid
                 kept.append(N); continue
-            s = self.policy.scores(q, k, past, scale=getattr(m, "scaling", None), layer=li)
+            s = pre[i] if pre is not None else self.policy.scores(q, k, past, scale=getattr(m, "scaling", None), layer=li)
             idx = self.policy.select(s, min(n_keep, N), valid)
-            layer.keys, layer.values = gather_positions(k, idx), gather_positions(v, idx)
+            layer.keys, layer.values = self.policy.compact(k, v, idx, valid)
             st.past[li] = gather_positions(s.float(), idx) if self.policy.accumulates else None
             st.valid[li] = None if valid is None else valid.gather(1, idx[:, 0])
             st.compacted[li] = True
