@@ -107,3 +107,17 @@ def test_cli(tpl, tmp_path):
     assert r.returncode == 2 and "one length" in r.stderr
     r = run(tpl, "-p", "a", "[3]", "--executor", "serial", "--quiet")
     assert r.returncode == 1 and "0/1 combinations finished" in r.stderr and "a=3 is refused" in r.stderr
+
+def test_sweep_page_on_site(tpl, tmp_path, monkeypatch):
+    from tokexp.site import build_site
+    monkeypatch.setenv("TOKEXP_REPORTS_DIR", str(tmp_path/"reports"))
+    rec = run_sweep(tpl, {"a": [1, 2], "b": [0.5, 2.0]}, executor="serial", progress=False, metric="ab")
+    index = build_site(tmp_path/"site", tmp_path/"reports", notebooks=r"^52_sweep\.ipynb$")
+    page = index.parent/"reports"/"sweeps"/f"tiny-{rec['sweep_id']}.html"
+    html = page.read_text()
+    assert f"tiny-{rec['sweep_id']}.png" in html and (page.parent/f"tiny-{rec['sweep_id']}.png").exists() or \
+           any(p.name.startswith(f"tiny-{rec['sweep_id']}") for p in (index.parent/"_images").iterdir())
+    for a in (1, 2):
+        for b in (0.5, 2.0): assert f"<td><p>{a * b:.4g}</p></td>" in html or f"<td>{a * b:.4g}</td>" in html
+    assert html.count(".html\"") >= 4  # each combination links to its executed report
+    assert f"reports/sweeps/tiny-{rec['sweep_id']}.html" in index.read_text()

@@ -262,7 +262,9 @@ def build_site(out:str|Path|None=None, # output folder (default: `site_dir` from
             if title.lower().startswith("report"):
                 (src/"reports").mkdir(exist_ok=True)
                 (src/"reports"/"index.md").write_text(_reports_index_md(rows, failed), encoding="utf-8")
-                idx += ["```{toctree}", f":caption: {title}", ":maxdepth: 1", "", "reports/index"]
+                from tokexp.sweep import write_sweep_pages  # one page per sweep-<id>.json: table + plot across the grid
+                sweeps = write_sweep_pages(nav_root/"reports", src/"reports") if reports.exists() else []
+                idx += ["```{toctree}", f":caption: {title}", ":maxdepth: 1", "", "reports/index", *sweeps]
                 idx += [place(it) for it in items if not isinstance(it, tuple)] + ["```", ""]
             else: idx += toctree(title, items)
         (src/"index.md").write_text("\n".join(idx), encoding="utf-8")

@@ -332,7 +332,7 @@ def write_sweep_pages(reports:str|Path, # the reports folder
         (dest/"sweeps").mkdir(parents=True, exist_ok=True)
         def link(run, exp=rec["experiment"]):
             nb = reports/exp/run["run_id"]/f"{exp}.ipynb"
-            return f"../{exp}/{run['run_id']}/{exp}" if run["status"] in ("ok", "reused") and nb.exists() else None
+            return f"../{exp}/{run['run_id']}/{exp}.ipynb" if run["status"] in ("ok", "reused") and nb.exists() else None
         img = f.with_suffix(".png")
         if img.exists(): shutil.copy2(img, dest/"sweeps"/f"{name}.png")
         (dest/"sweeps"/f"{name}.md").write_text(sweep_page_md(rec, link, f"{name}.png" if img.exists() else None), encoding="utf-8")
