@@ -9,7 +9,7 @@ import torch
 
 from tokexp.core import ConfigError, InputError
 from tokexp.kernels.attention import attention_importance
-from tokexp.prune.policies import (PrunePolicy, POLICIES, make_policy, H2O, SnapKV, TOVA, A2SF, StreamingLLM, LazyLLM,
+from tokexp.prune.policies import (cache_keyword, PrunePolicy, POLICIES, make_policy, H2O, SnapKV, TOVA, A2SF, StreamingLLM, LazyLLM,
                                    RandomPolicy, KeyNorm, select_keep, gather_positions, attend_to, evict, kv_bytes,
                                    attention_layers, module_queries)
 
@@ -369,7 +369,7 @@ def test_hooks_removed_on_error():
 
 
 def test_registry_complete():
-    assert set(POLICIES.names()) == {"h2o", "snapkv", "tova", "a2sf", "streaming_llm", "lazyllm", "random", "knorm"}
+    assert set(POLICIES.names()) == {"h2o", "snapkv", "tova", "a2sf", "streaming_llm", "lazyllm", "random", "knorm", "pyramidkv", "prefixkv", "zipvl", "kvcrush", "elastic"}
     for name in POLICIES.names():
         assert isinstance(make_policy(name, budget=0.5), PrunePolicy)
 
@@ -595,3 +595,119 @@ def test_snapkv_defaults_are_the_papers():
         kept = [j for j in idx[h].tolist() if j < 82]
         assert idx[h].tolist()[-8:] == list(range(82, 90)) and len(kept) == 12
         assert min(pooled[j] for j in kept) >= max(pooled[j] for j in range(82) if j not in kept) - 1e-6
+
+
+# ---------------------------------------------------------------- the kv_pruning_quality template, end to end (issue 17)
+def test_kv_pruning_quality_template_runs_small(reports_tmp):
+    "Every method family through the runner with tiny parameters: budget 1.0 identical, bytes measured, plots written."
+    import json
+    from tokexp.report import run_experiment
+    pols, sels = ["h2o", "snapkv", "pyramidkv", "prefixkv", "zipvl"], ["tokenselect", "tidaldecode"]
+    r = run_experiment("kv_pruning_quality", dict(models=["ref-llama"], policies=pols, selectors=sels, budgets=[0.5, 1.0],
+                                                  n_windows=4, prefix_len=40, cont_len=8, probe_trials=4, probe_segment=12,
+                                                  probe_steps=10, batch_size=4), force=True, progress=False)
+    assert r.ok, r.error
+    m = json.loads((r.path / "metrics.json").read_text())
+    assert m["budget_one_identical"] is True
+    assert m["kv_bytes_ratio_max_abs_dev"] < 0.06  # ceil(budget x length) per layer plus bookkeeping
+    mm = m["models"]["ref-llama"]
+    assert set(mm["ppl_ratio_at_budget"]) == set(pols + sels)
+    assert all(0.5 < v < 20 for v in mm["ppl_ratio_at_budget"].values())
+    kb = mm["kv_bytes_ratio_at_budget"]
+    assert all(abs(kb[p] - 0.5) < 0.1 for p in ("h2o", "snapkv", "prefixkv")) and kb["tokenselect"] == 1.0 == kb["tidaldecode"]
+    assert 0 < kb["zipvl"] <= 1
+    assert set(m["copy_probe"]["acc_at_budget"]) == set(pols + sels)
+    assert (r.path / "quality_vs_memory.png").exists() and (r.path / "ppl.csv").exists()
+
+
+# ---------------------------------------------------------------- representation instead of eviction: KVCrush, Elastic Cache
+def _loop_merge(t, idx, valid=None):
+    "Independent Elastic Cache merge: each position joins its nearest kept position (ties: earlier); anchors = group means."
+    B, H, N, D = t.shape
+    out = torch.zeros(B, H, idx.shape[-1], D, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            kept = idx[b, h].tolist()
+            groups = {a: [] for a in kept}
+            for j in range(N):
+                if valid is not None and not bool(valid[b, j]): continue
+                a = min(kept, key=lambda a: (abs(a - j), a))
+                groups[a].append(j)
+            for s, a in enumerate(kept):
+                out[b, h, s] = t[b, h, groups[a]].double().mean(0) if groups[a] else t[b, h, a].double()
+    return out
+
+
+def test_elastic_merge_by_loop():
+    from tokexp.prune.policies import ElasticCache
+    g = torch.Generator().manual_seed(7)
+    k, v = torch.randn(2, 3, 31, 8, generator=g), torch.randn(2, 3, 31, 5, generator=g)
+    q = torch.randn(2, 6, 5, 8, generator=g)
+    pol = ElasticCache(9)
+    k2, v2, idx, s = pol.prune(q, k, v)
+    torch.testing.assert_close(k2.double(), _loop_merge(k, idx), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(v2.double(), _loop_merge(v, idx), rtol=1e-5, atol=1e-6)
+    valid = torch.ones(2, 31, dtype=torch.bool); valid[1, :4] = False
+    idx = pol.select(s, 9, valid)
+    k3, _ = pol.compact(k, v, idx, valid)
+    torch.testing.assert_close(k3.double(), _loop_merge(k, idx, valid), rtol=1e-5, atol=1e-6)
+
+
+def test_elastic_positions_right_after_merge():
+    # after merging 30 positions into 12 anchors, the next token must sit at RoPE position 30 (tokens seen), not 12 (cache length)
+    from tokexp.prune.policies import ElasticCache
+    m = tiny("llama")
+    x = ids(30)
+    kw = cache_keyword(m.forward, "forward")[0]
+    def next_logits(**extra):
+        with torch.no_grad(), evict(m, ElasticCache(0.4)):
+            c = getattr(m(x, use_cache=True), kw)
+            assert [l.keys.shape[2] for l in c.layers] == [12, 12]
+            return m(x[:, -1:], use_cache=True, **{kw: c}, **extra).logits
+    auto = next_logits()
+    torch.testing.assert_close(auto, next_logits(position_ids=torch.tensor([[30]])))
+    assert not torch.allclose(auto, next_logits(position_ids=torch.tensor([[12]])), atol=1e-4)
+
+
+def _loop_kvcrush(scores, n_keep, share, seed, sinks=0, recent=0):
+    "Independent KVCrush selection (one batch row): importance top-k, then one token per Hamming-distance bucket."
+    H, N = scores.shape
+    n_rep = int(share * n_keep); n_imp = n_keep - n_rep
+    tot = scores.sum(0).tolist()
+    forced = set(range(N - recent, N)) if recent else set()
+    imp = sorted(forced | set(sorted((j for j in range(N) if j not in forced), key=lambda j: -tot[j])[:n_imp - len(forced)]))
+    anchor = (torch.rand(H, generator=torch.Generator().manual_seed(seed)) < 0.5).tolist()
+    thr = [sorted(scores[h].tolist(), reverse=True)[min(n_keep, N) - 1] for h in range(H)]
+    dist = {j: sum((scores[h, j].item() >= thr[h]) != anchor[h] for h in range(H)) for j in range(N)}
+    ev = sorted((j for j in range(N) if j not in imp), key=lambda j: (dist[j], j))
+    nb = min(n_rep, len(ev))
+    if nb == 0: return imp
+    size, extra = divmod(len(ev), nb)
+    reps, i = [], 0
+    for c in range(nb):
+        reps.append(ev[i]); i += size + (1 if c < extra else 0)
+    return sorted(imp + reps)
+
+
+def test_kvcrush_selection_by_loop():
+    from tokexp.prune.policies import KVCrush
+    g = torch.Generator().manual_seed(8)
+    s = torch.rand(2, 4, 40, generator=g)
+    for n_keep, share, recent in [(12, 0.25, 3), (20, 0.5, 0), (5, 0.0, 1)]:
+        pol = KVCrush(n_keep, share=share, recent=recent, seed=3)
+        idx = pol.select(s, n_keep)
+        for b in range(2):
+            want = _loop_kvcrush(s[b], n_keep, share, 3, recent=recent)
+            for h in range(4): assert idx[b, h].tolist() == want, (n_keep, share, b)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", ["kvcrush", "elastic"])
+def test_representation_policies_budget_one_identical(arch, name):
+    m = tiny(arch)
+    x = ids(50, batch=2)
+    with torch.no_grad():
+        base = m.generate(x, max_new_tokens=8, do_sample=False)
+        with evict(m, make_policy(name, budget=1.0), every=2, force=True):  # force: the compact/merge path runs with singleton groups
+            same = m.generate(x, max_new_tokens=8, do_sample=False)
+    assert torch.equal(base, same)
