@@ -9,7 +9,7 @@ __all__ = ['MAX_TOKENS', 'CSS', 'VIEWS', 'GLTR_COLOURS', 'SHADES', 'CATEGORICAL'
            'show_kv', 'EncoderView', 'show_encoder_pruning', 'CompareView', 'boundaries', 'compare_tokenizers',
            'compare_models']
 
-# %% ../nbs/25_viz.ipynb #74a432c0
+# %% ../nbs/25_viz.ipynb #f9a0b7fe
 import html as _html, itertools, math, unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,7 +19,7 @@ import numpy as np
 
 from .core import Registry, InputError, ConfigError, atomic_write
 
-# %% ../nbs/25_viz.ipynb #e46e2387
+# %% ../nbs/25_viz.ipynb #58af74a5
 MAX_TOKENS = 20_000  # default limit of tokens per view (truncate with a message, or refuse with truncate=False)
 
 def esc(s:Any)->str:
@@ -39,7 +39,7 @@ def check_limit(n:int, # tokens the view would show
                          f"max_tokens={n} (rendering slows down and pages grow, ~150 bytes per token), or truncate=True")
     return max_tokens, f"Showing the first {max_tokens:,} of {n:,} tokens (view limit max_tokens={max_tokens:,})."
 
-# %% ../nbs/25_viz.ipynb #5982c683
+# %% ../nbs/25_viz.ipynb #3890d0de
 CSS = """
 .tx-view{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;font-size:14px;line-height:1.9;color:#111;margin:6px 0 14px 0}
 .tx-view h4{margin:4px 0;font-size:14px}
@@ -114,7 +114,7 @@ class Views(View):
     name = "views"
     def body(self)->str: return "".join(v.html() for v in self.views)
 
-# %% ../nbs/25_viz.ipynb #58a8edb9
+# %% ../nbs/25_viz.ipynb #a98b90ee
 def _rgb(h:str)->tuple: h = h.lstrip("#"); return tuple(int(h[i:i+2], 16) for i in (0, 2, 4))
 
 def ramp(x:float, # value in [0, 1] (clipped; NaN gives the neutral grey)
@@ -138,7 +138,7 @@ GLTR_COLOURS = ("#86efac", "#fde047", "#fca5a5", "#d8b4fe")  # top-10, top-100, 
 SHADES = ("#dbeafe", "#fde68a")  # alternating token shades of the boundary view
 CATEGORICAL = ("#93c5fd", "#fca5a5", "#86efac", "#fdba74", "#c4b5fd", "#f9a8d4", "#67e8f9", "#bef264", "#fcd34d", "#a5b4fc")
 
-# %% ../nbs/25_viz.ipynb #af2ad5a4
+# %% ../nbs/25_viz.ipynb #73914f65
 @dataclass
 class Piece:
     "One token of a text: id, what it covers and how to show it."
@@ -167,26 +167,24 @@ def _from_bytes(text:str, tb:list[bytes])->list[tuple[int, int, bool, int]]|None
     if joined != raw:
         if joined == b" " + raw and tb and tb[0][:1] == b" ": skip = 1  # SentencePiece's dummy prefix
         else: return None
-    # code point index of every byte offset that starts a character
-    starts = np.zeros(len(raw) + 1, np.int64)
-    cp_of = np.full(len(raw) + 1, -1, np.int64)
-    lead = np.frombuffer(raw, np.uint8) & 0xC0 != 0x80 if raw else np.zeros(0, bool)
-    cp_of[:len(raw)][lead] = np.arange(int(lead.sum()))
-    cp_of[len(raw)] = len(text)
-    out, pos = [], -skip
-    for b in tb:
-        b0, b1 = max(pos, 0), max(pos + len(b), 0); pos += len(b)
-        lead_in = [j for j in range(b0, b1) if lead[j]]
-        if lead_in:
-            s = int(cp_of[lead_in[0]])
-            nxt = b1
-            e = int(cp_of[nxt]) if nxt == len(raw) or lead[nxt] else int(cp_of[lead_in[-1]]) + 1
-            extra = lead_in[0] - b0  # continuation bytes of a character begun earlier
-            partial = extra > 0 or not (nxt == len(raw) or lead[nxt])
-            out.append((s, e, partial, extra))
-        else:  # only continuation bytes (or nothing)
-            c = int(cp_of[max(j for j in range(0, b0 + 1) if j < len(raw) and lead[j])]) if b1 > b0 else (int(cp_of[b0]) if b0 < len(raw) and lead[b0] else len(text))
-            out.append((c + 1 if b1 > b0 else c, c + 1 if b1 > b0 else c, b1 > b0, b1 - b0))
+    nb = len(raw)
+    lead = (np.frombuffer(raw, np.uint8) & 0xC0) != 0x80 if nb else np.zeros(0, bool)
+    leads = np.flatnonzero(lead)  # byte offset where each character starts
+    cp = np.cumsum(lead) - 1  # character holding each byte
+    ends = np.cumsum([len(b) for b in tb]) - skip
+    starts = ends - np.array([len(b) for b in tb], np.int64)
+    b0s, b1s = np.clip(starts, 0, None), np.clip(ends, 0, None)
+    k = np.searchsorted(leads, b0s)  # first character start at or after each token's first byte
+    out = []
+    for b0, b1, kk in zip(b0s.tolist(), b1s.tolist(), k.tolist()):
+        if b1 <= b0:  # no byte of the text (the dummy prefix space alone)
+            c = int(cp[b0]) if b0 < nb else len(text); out.append((c, c, False, 0)); continue
+        if kk < len(leads) and leads[kk] < b1:  # a character starts here: it and the rest up to the token end are its
+            whole = b1 == nb or bool(lead[b1])
+            extra = int(leads[kk]) - b0  # continuation bytes of a character begun in an earlier token
+            out.append((int(cp[leads[kk]]), int(cp[b1 - 1]) + 1, extra > 0 or not whole, extra))
+        else:  # only continuation bytes of a character begun earlier
+            c = int(cp[b0]) + 1; out.append((c, c, True, b1 - b0))
     return out
 
 def token_pieces(text:str, # the text
@@ -239,7 +237,7 @@ def as_tokenizer(tok):
         return cached
     raise InputError(f"expected a tokexp Tokenizer, a zoo name or a transformers fast tokenizer, got {type(tok).__name__}")
 
-# %% ../nbs/25_viz.ipynb #1e83a954
+# %% ../nbs/25_viz.ipynb #1a5aeec1
 def _show(s:str)->str:
     "Escaped `s` with whitespace made visible and a dotted circle before a leading combining mark."
     if s and unicodedata.category(s[0]).startswith("M"): s = "\u25cc" + s
@@ -356,7 +354,7 @@ def show_tokens(text:str, # the text
     if not tokenizers: raise InputError("show_tokens needs at least one tokenizer, e.g. show_tokens(text, 'gpt2', 'llama-2')")
     return TokenView.build(text, list(tokenizers), **kw)
 
-# %% ../nbs/25_viz.ipynb #649bc11f
+# %% ../nbs/25_viz.ipynb #2bc92115
 def distribution_kurtosis(logits, # [..., V] logits (torch tensor)
                          ):
     "Excess kurtosis of the V probabilities of each distribution, as `scipy.stats.kurtosis(softmax(logits))` (float64)."
@@ -375,7 +373,7 @@ def uncertainty_scores(logp:np.ndarray, # [n] log p(x_t) of the scored tokens of
     return {"geometric_mean_p": float(np.exp(logp.mean())), "arithmetic_mean_p": float(np.exp(logp).mean()),
             "mean_kurtosis": float(kurtosis.mean())}
 
-# %% ../nbs/25_viz.ipynb #91a1b444
+# %% ../nbs/25_viz.ipynb #60fc7200
 @dataclass
 class ModelStats:
     "One text under one model: its pieces, TokenStats row, top-k alternatives and distribution kurtosis."
@@ -486,7 +484,7 @@ def model_stats(model, # a causal LM (`lm.load_lm`)
     return ModelStats(text, pieces, st, top_i[m[:T]], top_p[m[:T]], [t for t, keep in zip(tops, m[:T]) if keep],
                       kurt[m[:T]], _model_name(model), note)
 
-# %% ../nbs/25_viz.ipynb #c48a6d60
+# %% ../nbs/25_viz.ipynb #462f9de0
 def _scale(stat:str, v:np.ndarray)->tuple[list[str], str]:
     "(colour per value, legend HTML) of a statistic."
     if stat == "gltr":
@@ -557,7 +555,7 @@ def show_stats(model, tokenizer, text:str, # model, its tokenizer and one text
     if isinstance(stat, str): return StatsView(ms, stat)
     return Views([StatsView(ms, s) for s in stat])
 
-# %% ../nbs/25_viz.ipynb #eb8dab7b
+# %% ../nbs/25_viz.ipynb #3842e986
 def running_test(wm, # the watermark scheme
                  st:np.ndarray, # [n] per-token statistics of one text
                  scored:np.ndarray, # [n] bool, which positions count
@@ -665,7 +663,7 @@ def show_watermark(wm, # the watermark scheme (with its key)
     if note: v.title += f" — {note}"
     return v
 
-# %% ../nbs/25_viz.ipynb #e9728b00
+# %% ../nbs/25_viz.ipynb #9b4a98a3
 KV_CODES = {0: "evicted", 1: "kept", 2: "sink", 3: "recent"}
 KV_COLOURS = {0: "#f3f4f6", 1: "#3b82f6", 2: "#1e3a8a", 3: "#22c55e"}
 
@@ -790,7 +788,7 @@ def show_kv(model, tokenizer, text:str, # model, its (HF) tokenizer, the prompt
     off = ids.shape[1] - len(tokenizer(text, add_special_tokens=False)["input_ids"])
     return KVView(text, token_pieces(text, tokenizer, ids[0, off:].tolist()), km, off)
 
-# %% ../nbs/25_viz.ipynb #f20367cc
+# %% ../nbs/25_viz.ipynb #8f7d83b1
 @VIEWS.register("encoder")
 @dataclass(repr=False)
 class EncoderView(View):
@@ -857,7 +855,7 @@ def show_encoder_pruning(encoder, # a `prune.encoder.PrunedEncoder`
         rows.append((label, r.assign[0].numpy(), float(cosine_fidelity(ref.embeddings, r.embeddings)[0])))
     return EncoderView(text, _encoder_pieces(text, encoder.tok, enc), rows)
 
-# %% ../nbs/25_viz.ipynb #bcf9de22
+# %% ../nbs/25_viz.ipynb #48f9d212
 @VIEWS.register("compare")
 @dataclass(repr=False)
 class CompareView(View):
