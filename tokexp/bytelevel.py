@@ -43,6 +43,7 @@ class ByteCodec:
                  stable_split:Callable[[bytes], int]|None=None, # position j with enc(x) = enc(x[:j]) + enc(x[j:]) for every extension of x (None: 0)
                  encode_batch:Callable[[list[bytes]], list]|None=None, # batched `encode` (None: a loop)
                  boundary:Callable[[int, int], bool]|None=None, # (last byte of a text, first byte of a token) -> True when a pre-token boundary always falls between them
+                 encode_after:Callable[[bytes, list[int]], list]|None=None, # (tail, token ids) -> encodings (lists) of tail + b(t) (None: `encode_batch`)
                  name:str="codec"):
         self.token_bytes = [None if b is None else bytes(b) for b in token_bytes]
         if not 0 <= eos_id < len(self.token_bytes) or self.token_bytes[eos_id] is not None:
@@ -53,7 +54,7 @@ class ByteCodec:
         self.first_byte = np.array([-1 if b is None else b[0] for b in self.token_bytes])
         self.by_first = [np.flatnonzero(self.first_byte == a) for a in range(256)]
         self.text_ids = np.flatnonzero(self.first_byte >= 0)
-        self._valid_cache, self._safe, self._self_canon, self._boundary = {}, {}, None, boundary
+        self._valid_cache, self._safe, self._self_canon, self._boundary, self._encode_after = {}, {}, None, boundary, encode_after
 
     def encode(self, b:bytes)->tuple|None:
         "Token ids of the bytes `b` (None when no text starts with them)."
@@ -86,7 +87,8 @@ class ByteCodec:
                     safe = self._safe_after(tail[-1])
                     m[safe] = self.self_canonical[safe]
                     ids = ids[~safe[ids]]
-                encs = self.encode_batch([tail + self.token_bytes[t] for t in ids])
+                if self._encode_after is not None: encs, base = self._encode_after(tail, ids.tolist()), list(base)
+                else: encs = self.encode_batch([tail + self.token_bytes[t] for t in ids])
                 n = len(base)
                 m[ids] = [e is not None and len(e) == n + 1 and e[-1] == t and e[:n] == base for t, e in zip(ids.tolist(), encs)]
             m[self.eos_id] = True
@@ -209,7 +211,22 @@ def hf_codec(tokenizer, # a 🤗 tokenizer (fast) with GPT-2 byte-level BPE, e.g
         for i, o in zip(ok, outs): res[i] = o.ids + _tail_ids(sps[i][1]) if sps[i][1] else o.ids
         return res
 
-    return ByteCodec(tb, enc, eos_id=eos, stable_split=gpt2_stable_split, encode_batch=enc_batch, boundary=gpt2_boundary,
+    tok_str = []
+    for b in tb:
+        try: tok_str.append(None if b is None else b.decode("utf-8"))
+        except UnicodeDecodeError: tok_str.append(None)
+
+    def enc_after(tail, ids):  # tail + b(t) for many t: concatenate strings when both halves are whole characters
+        try: ts = tail.decode("utf-8")
+        except UnicodeDecodeError: return enc_batch([tail + tb[t] for t in ids])
+        res = [None] * len(ids)
+        fast = [i for i, t in enumerate(ids) if tok_str[t] is not None]
+        for i, o in zip(fast, be.encode_batch_fast([ts + tok_str[ids[i]] for i in fast], add_special_tokens=False)): res[i] = o.ids
+        slow = [i for i, t in enumerate(ids) if tok_str[t] is None]
+        for i, e in zip(slow, enc_batch([tail + tb[ids[i]] for i in slow]) if slow else []): res[i] = e
+        return res
+
+    return ByteCodec(tb, enc, eos_id=eos, stable_split=gpt2_stable_split, encode_batch=enc_batch, boundary=gpt2_boundary, encode_after=enc_after,
                      name=getattr(tokenizer, "name_or_path", "") or "hf")
 
 # %% ../nbs/22_bytelevel.ipynb #a7ccb472
