@@ -711,3 +711,30 @@ def test_representation_policies_budget_one_identical(arch, name):
         with evict(m, make_policy(name, budget=1.0), every=2, force=True):  # force: the compact/merge path runs with singleton groups
             same = m.generate(x, max_new_tokens=8, do_sample=False)
     assert torch.equal(base, same)
+
+
+# ---------------------------------------------------------------- layer-wise compression during prefill (issue 17)
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", ["h2o", "snapkv", "tova", "elastic"])
+def test_layerwise_prefill_same_result_lower_peak(arch, name):
+    m = tiny(arch, layers=4)
+    x = ids(60, batch=2)
+    am = torch.ones_like(x); am[1, :6] = 0
+    with torch.no_grad():
+        with evict(m, make_policy(name, budget=0.25)) as post:
+            a = m.generate(x, attention_mask=am, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        with evict(m, make_policy(name, budget=0.25), layerwise=True) as lw:
+            b = m.generate(x, attention_mask=am, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(a, b), name
+    e0, e1 = post.events[0], lw.events[0]
+    assert e1["layerwise"] and not e0["layerwise"] and e0["kept"] == e1["kept"] and e0["bytes_after"] == e1["bytes_after"]
+    assert e0["peak_bytes"] == e0["bytes_before"] == e1["bytes_before"]
+    # at most one layer uncompressed at a time: peak = one full layer + the compressed earlier layers
+    per_layer = e0["bytes_before"] / 4
+    assert e1["peak_bytes"] <= per_layer + 3 * e1["bytes_after"] / 4 + 1
+    assert e1["peak_bytes"] < 0.5 * e0["peak_bytes"]
+
+
+def test_layerwise_refuses_allocators():
+    with pytest.raises(ConfigError, match="layerwise=True"):
+        evict(tiny("llama"), make_policy("prefixkv", budget=0.5), layerwise=True)

@@ -513,10 +513,16 @@ class evict:
                  every:int=0, # evict again after this many decode steps (0: only after the prefill)
                  force:bool=False, # gather even when nothing is evicted (exercises the position/mask path; tests)
                  track:bool=True, # record kv bytes before/after each eviction in `self.events`
+                 layerwise:bool=False, # prefill: compress each layer right after its attention ran (no full-cache peak)
                 ):
         if not isinstance(policy, PrunePolicy): raise ConfigError(f"policy must be a PrunePolicy (see POLICIES: {POLICIES.names()}), got {type(policy).__name__}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 0: raise ConfigError(f"every must be an int >= 0 (0: evict after the prefill only), got {every!r}")
         self.model, self.policy, self.every, self.force, self.track = model, policy, every, force, track
+        if layerwise and policy.allocator is not None:
+            raise ConfigError(f"layerwise=True compresses each layer before the next one runs, but {type(policy.allocator).__name__} "
+                              f"chooses budgets from every layer's scores at once; use layerwise=False with an allocator")
+        self.layerwise = bool(layerwise)
+        self._done, self._peak_bytes, self._full_bytes, self._kept_bytes = {}, 0, 0, 0
         self.layers = attention_layers(model)
         self.n_layers = len(self.layers)
         self.impl = getattr(model.config, "_attn_implementation", "sdpa") or "sdpa"
@@ -545,6 +551,7 @@ class evict:
             self._handles.append(self.model.register_forward_hook(self._model_post, with_kwargs=True))
             for li, m, kind in self.layers:
                 self._handles.append(m.register_forward_pre_hook(self._layer_pre(li, kind), with_kwargs=True))
+                if self.layerwise: self._handles.append(m.register_forward_hook(self._layer_post(li), with_kwargs=True))
         except BaseException:
             self._remove(); raise
         return self
@@ -633,6 +640,9 @@ def _model_post(self:evict, module, args, kwargs, output):
     layers = cache_layers(cache, self.n_layers)
     grown = [layers[li].get_seq_length() for li, _, _ in self.layers]
     want = [n + self._q_len for n in st.lengths] if st.lengths is not None else [self._q_len] * self.n_layers
+    done = self._done if (self._prefill and self.layerwise) else {}  # layers compressed during this forward (layerwise)
+    self._done = {}
+    want = [done.get(li, w) for (li, _, _), w in zip(self.layers, want)]
     if grown != want:
         raise ConfigError(f"transformers {_tf_version()}: after a forward of {self._q_len} tokens the cache layers hold {grown} "
                           f"positions, expected {want}; the cache is not updated the way KV eviction assumes")
@@ -646,11 +656,13 @@ def _model_post(self:evict, module, args, kwargs, output):
         if type(layers[li]).__name__ != "DynamicLayer":
             raise ConfigError(f"KV eviction needs a plain DynamicCache; layer {li} uses {type(layers[li]).__name__} "
                               f"(sliding-window / static / quantized caches are not supported)")
-    before = kv_bytes(cache) if self.track else None
+    before = (kv_bytes(cache) + self._full_bytes - self._kept_bytes if done else kv_bytes(cache)) if self.track else None
+    peak = self._peak_bytes if done else before
     kept = []
     with torch.no_grad():
         ins = []  # per layer: (past, q, valid) of this eviction
         for li, m, kind in self.layers:
+            if li in done: ins.append(None); continue
             N = layers[li].keys.shape[2]
             past = st.past[li]
             if past is not None and past.shape[-1] < N: past = F.pad(past, (0, N - past.shape[-1]))
@@ -670,6 +682,7 @@ def _model_post(self:evict, module, args, kwargs, output):
             if len(counts) != self.n_layers or min(counts) < 1:
                 raise ConfigError(f"{type(self.policy.allocator).__name__}.layer_counts returned {counts}: need one count >= 1 per layer ({self.n_layers})")
         for i, (li, m, kind) in enumerate(self.layers):
+            if li in done: kept.append(done[li]); continue
             layer = layers[li]
             k, v = layer.keys, layer.values
             B, H, N, _ = k.shape
@@ -690,14 +703,48 @@ def _model_post(self:evict, module, args, kwargs, output):
             kept.append(idx.shape[-1])
     if self.track:
         self.events.append(dict(n_seen=st.n_seen, prefill=prefill, bytes_before=before, bytes_after=kv_bytes(cache),
-                                buffer_bytes=st.buffer_bytes(), kept=kept))
+                                buffer_bytes=st.buffer_bytes(), kept=kept, peak_bytes=peak, layerwise=bool(done)))
     if isinstance(self.policy.budget, int) and prefill and self.policy.budget >= st.n_seen and self.policy.layer_budgets is None:
         note = f"budget {self.policy.budget} >= sequence length {st.n_seen}: nothing evicted"
         if note not in self.notes:
             self.notes.append(note); warnings.warn(note)
     return None
 
-evict._model_post = _model_post
+def _layer_post(self:evict, li:int):
+    "Forward hook of attention layer `li` (layerwise prefill): compress its cache before the next layer runs."
+    kw, pos = self._layer_kw[li]
+    def hook(module, args, kwargs, output):
+        st = self._st
+        if st is None or not self._prefill or st.lengths is not None: return None  # only a prefill from an empty cache
+        cache = _cache_arg(args, kwargs, kw, pos)
+        if cache is None: return None
+        layer = cache_layers(cache)[li]
+        if li == self.layers[0][0]: self._done, self._peak_bytes, self._full_bytes, self._kept_bytes = {}, 0, 0, 0
+        self._peak_bytes = max(self._peak_bytes, kv_bytes(cache))  # this layer full, the earlier ones compressed
+        k, v = layer.keys, layer.values
+        N = k.shape[2]
+        self._full_bytes += _nbytes([k, v])
+        q = torch.cat(st.queries[li], 2) if st.queries[li] else None
+        st.queries[li] = []
+        valid = self._am2d[:, -N:].bool() if (self._am2d is not None and not bool(self._am2d.bool().all())) else None
+        n_keep = self.policy.keep_count(st.n_seen + self._q_len, li, self.n_layers)
+        with torch.no_grad():
+            s = self.policy.scores(q, k, None, scale=getattr(module, "scaling", None), layer=li)
+            if n_keep >= N and not self.force:
+                st.past[li] = s if self.policy.accumulates else None
+                st.valid[li] = valid; self._done[li] = N
+            else:
+                idx = self.policy.select(s, min(n_keep, N), valid)
+                layer.keys, layer.values = self.policy.compact(k, v, idx, valid)
+                st.past[li] = gather_positions(s.float(), idx) if self.policy.accumulates else None
+                st.valid[li] = None if valid is None else valid.gather(1, idx[:, 0])
+                st.compacted[li] = True
+                self._done[li] = idx.shape[-1]
+        self._kept_bytes += _nbytes([layer.keys, layer.values])
+        return None
+    return hook
+
+evict._model_post, evict._layer_post = _model_post, _layer_post
 
 # %% ../../nbs/41_prune.ipynb #180c7d93
 def prompt_ids(tok, text:str, device=None)->torch.Tensor:
