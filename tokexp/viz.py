@@ -9,7 +9,7 @@ __all__ = ['MAX_TOKENS', 'CSS', 'VIEWS', 'GLTR_COLOURS', 'SHADES', 'CATEGORICAL'
            'show_kv', 'EncoderView', 'show_encoder_pruning', 'CompareView', 'boundaries', 'compare_tokenizers',
            'compare_models']
 
-# %% ../nbs/25_viz.ipynb #ebaf3559
+# %% ../nbs/25_viz.ipynb #9e2a0b90
 import html as _html, itertools, math, unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,7 +19,7 @@ import numpy as np
 
 from .core import Registry, InputError, ConfigError, atomic_write
 
-# %% ../nbs/25_viz.ipynb #dcf4fd85
+# %% ../nbs/25_viz.ipynb #fd00bff4
 MAX_TOKENS = 20_000  # default limit of tokens per view (truncate with a message, or refuse with truncate=False)
 
 def esc(s:Any)->str:
@@ -39,7 +39,7 @@ def check_limit(n:int, # tokens the view would show
                          f"max_tokens={n} (rendering slows down and pages grow, ~150 bytes per token), or truncate=True")
     return max_tokens, f"Showing the first {max_tokens:,} of {n:,} tokens (view limit max_tokens={max_tokens:,})."
 
-# %% ../nbs/25_viz.ipynb #83c02469
+# %% ../nbs/25_viz.ipynb #1fb29b47
 CSS = """
 .tx-view{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;font-size:14px;line-height:1.9;color:#111;margin:6px 0 14px 0}
 .tx-view h4{margin:4px 0;font-size:14px}
@@ -114,7 +114,7 @@ class Views(View):
     name = "views"
     def body(self)->str: return "".join(v.html() for v in self.views)
 
-# %% ../nbs/25_viz.ipynb #46f0ff0d
+# %% ../nbs/25_viz.ipynb #47768b19
 def _rgb(h:str)->tuple: h = h.lstrip("#"); return tuple(int(h[i:i+2], 16) for i in (0, 2, 4))
 
 def ramp(x:float, # value in [0, 1] (clipped; NaN gives the neutral grey)
@@ -138,7 +138,7 @@ GLTR_COLOURS = ("#86efac", "#fde047", "#fca5a5", "#d8b4fe")  # top-10, top-100, 
 SHADES = ("#dbeafe", "#fde68a")  # alternating token shades of the boundary view
 CATEGORICAL = ("#93c5fd", "#fca5a5", "#86efac", "#fdba74", "#c4b5fd", "#f9a8d4", "#67e8f9", "#bef264", "#fcd34d", "#a5b4fc")
 
-# %% ../nbs/25_viz.ipynb #8a6adc71
+# %% ../nbs/25_viz.ipynb #8d51413d
 @dataclass
 class Piece:
     "One token of a text: id, what it covers and how to show it."
@@ -237,7 +237,7 @@ def as_tokenizer(tok):
         return cached
     raise InputError(f"expected a tokexp Tokenizer, a zoo name or a transformers fast tokenizer, got {type(tok).__name__}")
 
-# %% ../nbs/25_viz.ipynb #b32bf739
+# %% ../nbs/25_viz.ipynb #c1a2a87d
 def _show(s:str)->str:
     "Escaped `s` with whitespace made visible and a dotted circle before a leading combining mark."
     if s and unicodedata.category(s[0]).startswith("M"): s = "\u25cc" + s
@@ -354,7 +354,7 @@ def show_tokens(text:str, # the text
     if not tokenizers: raise InputError("show_tokens needs at least one tokenizer, e.g. show_tokens(text, 'gpt2', 'llama-2')")
     return TokenView.build(text, list(tokenizers), **kw)
 
-# %% ../nbs/25_viz.ipynb #b712c482
+# %% ../nbs/25_viz.ipynb #0fc7a8b8
 def distribution_kurtosis(logits, # [..., V] logits (torch tensor)
                          ):
     "Excess kurtosis of the V probabilities of each distribution, as `scipy.stats.kurtosis(softmax(logits))` (float64)."
@@ -373,7 +373,7 @@ def uncertainty_scores(logp:np.ndarray, # [n] log p(x_t) of the scored tokens of
     return {"geometric_mean_p": float(np.exp(logp.mean())), "arithmetic_mean_p": float(np.exp(logp).mean()),
             "mean_kurtosis": float(kurtosis.mean())}
 
-# %% ../nbs/25_viz.ipynb #63fca1d8
+# %% ../nbs/25_viz.ipynb #4e066f18
 @dataclass
 class ModelStats:
     "One text under one model: its pieces, TokenStats row, top-k alternatives and distribution kurtosis."
@@ -484,7 +484,7 @@ def model_stats(model, # a causal LM (`lm.load_lm`)
     return ModelStats(text, pieces, st, top_i[m[:T]], top_p[m[:T]], [t for t, keep in zip(tops, m[:T]) if keep],
                       kurt[m[:T]], _model_name(model), note)
 
-# %% ../nbs/25_viz.ipynb #702e8b5a
+# %% ../nbs/25_viz.ipynb #d2ad7ed9
 def _scale(stat:str, v:np.ndarray)->tuple[list[str], str]:
     "(colour per value, legend HTML) of a statistic."
     if stat == "gltr":
@@ -555,7 +555,7 @@ def show_stats(model, tokenizer, text:str, # model, its tokenizer and one text
     if isinstance(stat, str): return StatsView(ms, stat)
     return Views([StatsView(ms, s) for s in stat])
 
-# %% ../nbs/25_viz.ipynb #35e454e8
+# %% ../nbs/25_viz.ipynb #0534cac3
 def running_test(wm, # the watermark scheme
                  st:np.ndarray, # [n] per-token statistics of one text
                  scored:np.ndarray, # [n] bool, which positions count
@@ -663,7 +663,7 @@ def show_watermark(wm, # the watermark scheme (with its key)
     if note: v.title += f" — {note}"
     return v
 
-# %% ../nbs/25_viz.ipynb #46a3b043
+# %% ../nbs/25_viz.ipynb #f11d80bd
 KV_CODES = {0: "evicted", 1: "kept", 2: "sink", 3: "recent"}
 KV_COLOURS = {0: "#f3f4f6", 1: "#3b82f6", 2: "#1e3a8a", 3: "#22c55e"}
 
@@ -761,13 +761,13 @@ class KVView(View):
                'outline: <span class="tx-sink">sink</span> <span class="tx-recent">recent</span> · card letters: k kept, e evicted, s sink, r recent')
         head = f'<div class="tx-head">{N} positions ({o} before the text) · kept per layer: {", ".join(map(str, self.km.n_keep))} of {N}</div>'
         txt = f'<div class="tx-text" dir="auto">{pieces_html(self.text, self.pieces, cols, cards, cls)}</div>'
-        heat = ['<table class="tx-heat">']
+        heat = ['<div style="overflow-x:auto"><table class="tx-heat">']
         for l in range(L):
             for h in range(H):
                 tds = "".join(f'<td class="tx-hc" style="background:{KV_COLOURS[int(x)]}">{_card([("layer", l), ("head", h), ("position", p), ("status", KV_CODES[int(x)])])}</td>'
                               for p, x in enumerate(c[l, h]))
                 heat.append(f"<tr><th>L{l} H{h}</th>{tds}</tr>")
-        heat.append("</table>")
+        heat.append("</table></div>")
         hl = "".join(f'<span class="tx-sw" style="background:{KV_COLOURS[k]}"></span>{v}' for k, v in KV_CODES.items())
         return head + f'<div class="tx-legend">{leg}</div>' + txt + f'<div class="tx-legend">layer·head × position: {hl}</div>' + "".join(heat)
 
@@ -788,7 +788,7 @@ def show_kv(model, tokenizer, text:str, # model, its (HF) tokenizer, the prompt
     off = ids.shape[1] - len(tokenizer(text, add_special_tokens=False)["input_ids"])
     return KVView(text, token_pieces(text, tokenizer, ids[0, off:].tolist()), km, off)
 
-# %% ../nbs/25_viz.ipynb #4d8993ea
+# %% ../nbs/25_viz.ipynb #be1cfdd4
 @VIEWS.register("encoder")
 @dataclass(repr=False)
 class EncoderView(View):
@@ -855,7 +855,7 @@ def show_encoder_pruning(encoder, # a `prune.encoder.PrunedEncoder`
         rows.append((label, r.assign[0].numpy(), float(cosine_fidelity(ref.embeddings, r.embeddings)[0])))
     return EncoderView(text, _encoder_pieces(text, encoder.tok, enc), rows)
 
-# %% ../nbs/25_viz.ipynb #d5ef84dd
+# %% ../nbs/25_viz.ipynb #4c95bb92
 @VIEWS.register("compare")
 @dataclass(repr=False)
 class CompareView(View):
