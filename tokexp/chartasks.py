@@ -9,7 +9,7 @@ the properties with correctness."""
 __all__ = ['TASKS', 'LETTERS', 'PROMPTS', 'PROPERTIES', 'word_list', 'make_items', 'question', 'prompt', 'token_properties',
            'word_token_spans', 'option_logprobs', 'evaluate_items', 'property_correlations']
 
-# %% ../nbs/13_chartasks.ipynb #4b359858
+# %% ../nbs/13_chartasks.ipynb #f5afe049
 import re, string
 from typing import Sequence
 
@@ -18,7 +18,7 @@ import pandas as pd
 
 from .core import ConfigError, InputError
 
-# %% ../nbs/13_chartasks.ipynb #36d91b78
+# %% ../nbs/13_chartasks.ipynb #501b5349
 TASKS = ("count", "locate", "char_at")
 LETTERS = string.ascii_lowercase
 
@@ -76,7 +76,7 @@ def prompt(item, shots:Sequence=())->str:
     "Few-shot prompt: solved `shots` then the item's question, each as 'Q: ...\nA:' (the answer option follows with a space)."
     return "".join(f"Q: {question(s)}\nA: {s['answer']}\n\n" for s in shots) + f"Q: {question(item)}\nA:"
 
-# %% ../nbs/13_chartasks.ipynb #26cf3077
+# %% ../nbs/13_chartasks.ipynb #fd2128d5
 def token_properties(spans:Sequence[tuple[int, int]], # (start, end) of each token of the word, relative to the word
                      word:str, # the word
                      char:str, # queried character
@@ -101,7 +101,7 @@ def word_token_spans(offsets:Sequence[tuple[int, int]], # (start, end) character
     out = [(max(a, start) - start, min(b, end) - start) for a, b in offsets if a < end and b > start]
     return [s for s in out if s[1] > s[0]]
 
-# %% ../nbs/13_chartasks.ipynb #804b46a6
+# %% ../nbs/13_chartasks.ipynb #fa1073ac
 def option_logprobs(model, tokenizer, # a causal LM and its (HF fast) tokenizer
                     prompts:Sequence[str], # one prompt per item
                     options:Sequence[Sequence[str]], # answer options per item
@@ -121,19 +121,30 @@ def option_logprobs(model, tokenizer, # a causal LM and its (HF fast) tokenizer
     ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     if ctx and max(len(a) + len(b) for a, b in seqs) > ctx:
         raise InputError(f"a prompt + option has {max(len(a) + len(b) for a, b in seqs)} tokens, more than the model's {ctx} positions: use fewer shots")
-    scores = np.zeros(len(seqs))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    def run(batch):  # right-padded forward pass; log-probs [B, L, V] on the CPU
+        L = max(map(len, batch))
+        ids = torch.full((len(batch), L), pad, dtype=torch.long); att = torch.zeros((len(batch), L), dtype=torch.long)
+        for j, x in enumerate(batch): ids[j, :len(x)] = torch.tensor(x); att[j, :len(x)] = 1
+        return torch.log_softmax(model(input_ids=ids.to(dev), attention_mask=att.to(dev)).logits.float(), -1).cpu()
+    scores = np.zeros(len(seqs))
     with torch.no_grad():
-        for s in range(0, len(seqs), batch_size):
-            chunk = seqs[s:s + batch_size]
-            L = max(len(a) + len(b) for a, b in chunk)
-            ids = torch.full((len(chunk), L), pad, dtype=torch.long); att = torch.zeros((len(chunk), L), dtype=torch.long)
-            for j, (a, b) in enumerate(chunk):
-                ids[j, :len(a) + len(b)] = torch.tensor(a + b); att[j, :len(a) + len(b)] = 1
-            lp = torch.log_softmax(model(input_ids=ids.to(dev), attention_mask=att.to(dev)).logits.float(), -1).cpu()
-            for j, (a, b) in enumerate(chunk):
-                pos = torch.arange(len(a) - 1, len(a) + len(b) - 1)
-                scores[s + j] = float(lp[j, pos, torch.tensor(b)].sum())
+        # single-token options: one pass over each prompt gives all of them (the next-token distribution)
+        single = [k for k, (_, b) in enumerate(seqs) if len(b) == 1]
+        prompt_of = {}
+        for k in single: prompt_of.setdefault(tuple(seqs[k][0]), []).append(k)
+        ps = list(prompt_of)
+        for s in range(0, len(ps), batch_size):
+            lp = run([list(x) for x in ps[s:s + batch_size]])
+            for j, x in enumerate(ps[s:s + batch_size]):
+                for k in prompt_of[x]: scores[k] = float(lp[j, len(x) - 1, seqs[k][1][0]])
+        multi = [k for k, (_, b) in enumerate(seqs) if len(b) > 1]
+        for s in range(0, len(multi), batch_size):
+            ks = multi[s:s + batch_size]
+            lp = run([seqs[k][0] + seqs[k][1] for k in ks])
+            for j, k in enumerate(ks):
+                a, b = seqs[k]
+                scores[k] = float(lp[j, torch.arange(len(a) - 1, len(a) + len(b) - 1), torch.tensor(b)].sum())
     out, k = [], 0
     for opts in options:
         out.append(scores[k:k + len(opts)]); k += len(opts)
@@ -162,7 +173,7 @@ def evaluate_items(model, tokenizer, items:pd.DataFrame, # rows of `make_items` 
     out["chance"] = [1 / len(o) for o in items.options]
     return out
 
-# %% ../nbs/13_chartasks.ipynb #4b28f2da
+# %% ../nbs/13_chartasks.ipynb #458268f0
 PROPERTIES = ("n_tokens", "token_len", "pos_in_token", "word_len", "count", "tokens_with_char")
 
 def property_correlations(ev:pd.DataFrame, # output of `evaluate_items`
