@@ -5,9 +5,9 @@ __all__ = ['MAX_TOKENS', 'CSS', 'VIEWS', 'GLTR_COLOURS', 'SHADES', 'CATEGORICAL'
            'check_limit', 'View', 'Views', 'ramp', 'text_colour', 'Piece', 'token_pieces', 'as_tokenizer', 'token_span',
            'pieces_html', 'boundary_stats', 'TokenView', 'show_tokens', 'distribution_kurtosis', 'uncertainty_scores',
            'ModelStats', 'min_k_members', 'short_name', 'model_stats', 'StatsView', 'show_stats', 'running_test',
-           'watermark_tokens', 'WatermarkView', 'show_watermark', 'KeepMap', 'classify_kept', 'kv_keep_map', 'KVView',
-           'show_kv', 'EncoderView', 'show_encoder_pruning', 'CompareView', 'boundaries', 'compare_tokenizers',
-           'compare_models']
+           'watermark_tokens', 'WatermarkView', 'loose_pieces', 'show_watermark', 'KeepMap', 'classify_kept',
+           'kv_keep_map', 'KVView', 'show_kv', 'EncoderView', 'show_encoder_pruning', 'CompareView', 'boundaries',
+           'compare_tokenizers', 'compare_models']
 
 # %% ../nbs/25_viz.ipynb #9e2a0b90
 import html as _html, itertools, math, unicodedata
@@ -645,6 +645,20 @@ def _running_svg(z:np.ndarray, w:int=600, h:int=70)->str:
             f'<text x="{w - 40}" y="{y4 - 3:.1f}" font-size="10" fill="#dc2626">z = 4</text>'
             f'<polyline fill="none" stroke="#111" stroke-width="1.5" points="{pts}"/></svg>')
 
+def loose_pieces(tok, # a tokexp Tokenizer
+                 ids:Sequence[int], # token ids that need not decode to valid UTF-8 (sampled from a byte-level model)
+                )->tuple[str, list[Piece]]:
+    "(text, pieces) with each token shown as its own bytes decoded on their own (invalid bytes as U+FFFD, marked partial)."
+    tb, special = tok.all_token_bytes(), set(tok.special_ids.values())
+    text, out = "", []
+    for i in ids:
+        b = tb[i] if 0 <= i < len(tb) else b""
+        s = b.decode("utf-8", "replace")
+        out.append(Piece(i, tok.id_to_token(i), b, len(text), len(text) + len(s), partial=s != b.decode("utf-8", "ignore"),
+                         byte_fallback=_is_byte_piece(tok, i, tok.id_to_token(i)), special=i in special))
+        text += s
+    return text, out
+
 def show_watermark(wm, # the watermark scheme (with its key)
                    tokenizer, # tokenizer of the ids (tokexp Tokenizer, zoo name or HF fast tokenizer)
                    ids:Sequence[int], # generated ids of one text
@@ -658,7 +672,8 @@ def show_watermark(wm, # the watermark scheme (with its key)
     ids = ids[:n]
     t = as_tokenizer(tokenizer)
     text = t.decode(ids)
-    ps = token_pieces(text, t, ids)
+    try: ps = token_pieces(text, t, ids)
+    except InputError: text, ps = loose_pieces(t, ids)  # generated ids need not form valid UTF-8
     v = WatermarkView(text, ps, watermark_tokens(wm, ids, prefix, **kw), wm.name)
     if note: v.title += f" — {note}"
     return v
