@@ -73,6 +73,9 @@ PROBE = """<script>(function () {
            inputs: inputs.length, inputs_shown: inputs.filter(function (e) { var d = e.closest('details');
              return (!d || d.open) && (e.checkVisibility ? e.checkVisibility() : e.getBoundingClientRect().height > 0); }).length,
            folds: document.querySelectorAll('details.hide.above-input').length,
+           tables: document.querySelectorAll('div.cell_output table').length,
+           tables_cut: Array.from(document.querySelectorAll('div.cell_output table')).filter(function (t) {  // sticks out on the right
+             return t.getBoundingClientRect().right > t.closest('article').getBoundingClientRect().right + 1; }).length,
            params_shown: text.indexOf('matmul_sizes: list') >= 0 || text.indexOf('# Parameters') >= 0 || text.indexOf('check_hub: bool') >= 0};
   var pre = document.createElement('pre'); pre.id = 'probe'; pre.textContent = JSON.stringify(r); document.body.appendChild(pre);
 })();</script>"""
@@ -98,6 +101,7 @@ def test_report_page_opens_with_findings_and_folds_code(site):
     assert "This machine" in p["para"], p
     assert p["inputs"] > 0 and p["inputs_shown"] == 0 and p["folds"] == p["inputs"], p  # every code input folded
     assert not p["params_shown"], p
+    assert p["tables"] >= 3 and p["tables_cut"] == 0, p  # wide tables scroll inside the page instead of being cut off
     assert str(run.path) not in page.read_text(encoding="utf-8")  # papermill's injected cell named this machine path
 
 def test_reports_index_links_and_titles(site):
