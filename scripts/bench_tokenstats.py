@@ -2,7 +2,7 @@
 """TokenStats overhead: `token_stats` (every single-model field) vs a plain forward pass of the same model on the same
 batches, timed side by side in one run (alternating repetitions, medians). Goal on CPU: ratio <= 1.15.
 
-    python scripts/bench_tokenstats.py [--model ref-small] [--texts 64] [--batch-size 16] [--reps 5] [--extra] [--json OUT]
+    python scripts/bench_tokenstats.py [--model ref-small] [--texts 64] [--batch-size 16] [--reps 5] [--impl compiled] [--extra] [--json OUT]
 
 `--model` takes a reference-LM name, a model folder or `hf:<id>`. An untrained reference LM is benchmarked with
 random weights of its config and the shared tokenizer (speed does not depend on the weights).
@@ -19,6 +19,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--extra", action="store_true", help="also time hidden=True and a two-model run")
+    ap.add_argument("--impl", default="auto", help="vocab-statistics implementation: auto, torch, compiled (torch.compile), triton")
     ap.add_argument("--json", default="", help="write the result dict here")
     a = ap.parse_args(argv)
     import torch
@@ -38,11 +39,11 @@ def main(argv=None):
         model.tokexp_name, weights = a.model, "random (untrained)"
     held = [lm.lm_split(d)[1] for d in lm.LM_DOMAINS]
     texts = [held[i % 3][i // 3] for i in range(a.texts)]
-    res = lm.benchmark_token_stats(model, tok, texts, batch_size=a.batch_size, reps=a.reps, extra=a.extra)
+    res = lm.benchmark_token_stats(model, tok, texts, batch_size=a.batch_size, reps=a.reps, extra=a.extra, impl=a.impl)
     res.update(weights=weights, torch_threads=torch.get_num_threads())
     s = res["seconds"]
     print(f"model {res['model']} ({weights}) on {res['device']}, {torch.get_num_threads()} threads: "
-          f"{res['texts']} texts, {res['tokens']} tokens, batch {res['batch_size']}, median of {res['reps']}")
+          f"{res['texts']} texts, {res['tokens']} tokens, batch {res['batch_size']}, median of {res['reps']}, impl {res['impl']}")
     print(f"  plain forward      {s['forward']*1e3:9.1f} ms  ({res['forward_tokens_per_second']:,.0f} tok/s)")
     print(f"  token_stats (all)  {s['token_stats']*1e3:9.1f} ms  ratio {res['overhead_ratio']:.3f}  (goal <= 1.15)")
     if a.extra:

@@ -819,6 +819,7 @@ def benchmark_token_stats(model, tokenizer, texts:Sequence[str], # model, tokeni
                           batch_size:int=16, # texts per forward pass
                           reps:int=5, # alternating repetitions (median reported)
                           extra:bool=False, # also time hidden=True and a two-model run (other = the same model)
+                          impl:str="auto", # token_stats' vocab-statistics implementation ("compiled": torch.compile'd, warmed up first)
                          )->dict:
     "Median wall time of a plain forward pass vs `token_stats` on the same batches, and their ratio."
     import torch
@@ -838,10 +839,11 @@ def benchmark_token_stats(model, tokenizer, texts:Sequence[str], # model, tokeni
     def plain():
         with torch.inference_mode():
             for x, am in batches: model(input_ids=x.to(dev), attention_mask=am.to(dev), use_cache=False).logits
-    runs = {"forward": plain, "token_stats": lambda: token_stats(model, tokenizer, cut, batch_size=batch_size, max_length=W)}
+    kw = dict(batch_size=batch_size, max_length=W, impl=impl)
+    runs = {"forward": plain, "token_stats": lambda: token_stats(model, tokenizer, cut, **kw)}
     if extra:
-        runs["token_stats_hidden"] = lambda: token_stats(model, tokenizer, cut, batch_size=batch_size, max_length=W, hidden=True)
-        runs["token_stats_two_models"] = lambda: token_stats(model, tokenizer, cut, batch_size=batch_size, max_length=W, other=(model, tokenizer))
+        runs["token_stats_hidden"] = lambda: token_stats(model, tokenizer, cut, hidden=True, **kw)
+        runs["token_stats_two_models"] = lambda: token_stats(model, tokenizer, cut, other=(model, tokenizer), **kw)
     for f in runs.values(): f()  # warm-up
     times = {k: [] for k in runs}
     for _ in range(reps):
@@ -852,7 +854,7 @@ def benchmark_token_stats(model, tokenizer, texts:Sequence[str], # model, tokeni
             times[k].append(time.perf_counter() - t)
     med = {k: float(np.median(v)) for k, v in times.items()}
     n_tok = sum(len(s) for s in ids)
-    res = {"model": _model_name(model), "device": str(dev), "texts": len(ids), "tokens": n_tok, "batch_size": batch_size,
+    res = {"model": _model_name(model), "device": str(dev), "impl": impl, "texts": len(ids), "tokens": n_tok, "batch_size": batch_size,
            "reps": reps, "seconds": med, "forward_tokens_per_second": n_tok / med["forward"],
            "overhead_ratio": med["token_stats"] / med["forward"]}
     if extra:

@@ -129,6 +129,7 @@ def vocab_stats_torch(logits:torch.Tensor, # [..., V] logits, any float dtype
                       chunk:int|None=None, # rows per chunk (None: about 4M elements per temporary; 0: all rows at once)
                       dtype:torch.dtype=torch.float32, # compute and output dtype (float64 for a ground truth)
                       check:bool=True, # check that logits are finite (raise InputError otherwise)
+                      compiled:bool=False, # run each chunk through `torch.compile` (one fused loop per reduction; see below)
                      )->VocabStats:
     "Pure-torch `VocabStats`, materializing log-softmax for at most `chunk` rows at a time."
     V = check_logits(logits)
@@ -140,9 +141,24 @@ def vocab_stats_torch(logits:torch.Tensor, # [..., V] logits, any float dtype
     outs = [torch.empty(N, dtype=torch.int64 if i == 2 else dtype, device=x.device) for i in range(8)]
     for s in range(0, N, max(step, 1)):
         xs = x[s:s+step]
-        if check: check_finite(xs, lead=lead, offset=s)
-        for o, r in zip(outs, _torch_rows(xs, t[s:s+step], dtype)): o[s:s+step] = r
+        if compiled:
+            *rs, bad = _compiled_rows()(xs, t[s:s+step], dtype)
+            if check and bool(bad.any()): check_finite(xs, lead=lead, offset=s)
+        else:
+            if check: check_finite(xs, lead=lead, offset=s)
+            rs = _torch_rows(xs, t[s:s+step], dtype)
+        for o, r in zip(outs, rs): o[s:s+step] = r
     return VocabStats(*(o.reshape(lead) for o in outs))
+
+def _rows_and_finite(x, t, dtype):
+    "`_torch_rows` plus, fused into the same loops, whether each row holds a non-finite logit."
+    return (*_torch_rows(x, t, dtype), ~torch.isfinite(x).all(-1))
+
+_COMPILED = {}
+def _compiled_rows():
+    "`_rows_and_finite` compiled once per process (dynamic shapes: one compilation serves every chunk size)."
+    if "rows" not in _COMPILED: _COMPILED["rows"] = torch.compile(_rows_and_finite, dynamic=True)
+    return _COMPILED["rows"]
 
 # %% ../../nbs/21_kernels.vocab.ipynb #761f1aec
 def check_pair(logits_ref:torch.Tensor, logits_score:torch.Tensor)->int:
@@ -434,7 +450,7 @@ def cross_stats_triton(logits_ref:torch.Tensor, # [..., V] logits of the referen
     return m1.reshape(lead), m2.reshape(lead)
 
 # %% ../../nbs/21_kernels.vocab.ipynb #4251dbcd
-IMPLS = ("auto", "triton", "torch")
+IMPLS = ("auto", "triton", "torch", "compiled")
 
 def _use_triton(x:torch.Tensor, impl:str)->bool:
     "Resolve `impl` for a tensor on `x.device`."
@@ -446,6 +462,7 @@ _KERNEL_FAILED = set()
 
 def _dispatch(name:str, x:torch.Tensor, impl:str, kernel, reference, *args):
     "Run `kernel(*args)` or `reference(*args)` as `impl` says; under 'auto' a failing kernel falls back (with one warning)."
+    if impl == "compiled" and name == "vocab": return vocab_stats_torch(*args, compiled=True)
     if not _use_triton(x, impl) or (impl == "auto" and name in _KERNEL_FAILED): return reference(*args)
     if impl == "triton": return kernel(*args)
     try: return kernel(*args)
@@ -459,7 +476,7 @@ def _dispatch(name:str, x:torch.Tensor, impl:str, kernel, reference, *args):
 
 def vocab_stats(logits:torch.Tensor, # [..., V] logits, any float dtype
                 targets:torch.Tensor, # [...] int target ids in [0, V)
-                impl:str="auto", # "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch"
+                impl:str="auto", # "auto" (Triton on CUDA, torch elsewhere), "triton", "torch" or "compiled" (torch.compile'd torch path)
                )->VocabStats:
     "Per-position `VocabStats` of `logits` and `targets`, streaming over the vocabulary."
     check_logits(logits)
