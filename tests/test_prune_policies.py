@@ -603,7 +603,7 @@ def test_kv_pruning_quality_template_runs_small(reports_tmp):
     import json
     from tokexp.report import run_experiment
     pols, sels = ["h2o", "snapkv", "pyramidkv", "prefixkv", "zipvl"], ["tokenselect", "tidaldecode"]
-    r = run_experiment("kv_pruning_quality", dict(models=["ref-llama"], policies=pols, selectors=sels, budgets=[0.5, 1.0],
+    r = run_experiment("kv_pruning_quality", dict(models=["ref-llama"], policies=pols, selectors=sels, budgets=[0.5, 1.0], selector_budgets=[0.5, 1.0],
                                                   n_windows=4, prefix_len=40, cont_len=8, probe_trials=4, probe_segment=12,
                                                   probe_steps=10, batch_size=4), force=True, progress=False)
     assert r.ok, r.error
