@@ -8,7 +8,7 @@ domain-trained BPE tokenizers on each domain's held-out text."""
 __all__ = ['DOMAINS', 'token_scripts', 'vocab_script_shares', 'corpus_script_shares', 'fertility_by_script', 'script_shares',
            'domain_records', 'domain_tokenizer', 'domain_comparison']
 
-# %% ../nbs/14_scripts.ipynb #6a1a35c5
+# %% ../nbs/14_scripts.ipynb #6fd21f7e
 from pathlib import Path
 from typing import Sequence
 
@@ -19,7 +19,7 @@ from .core import ConfigError, InputError, load_settings, stable_hash
 from .tokenizers import Tokenizer, HFTokenizer, load_tokenizer
 from . import tokmetrics as M
 
-# %% ../nbs/14_scripts.ipynb #75f0ca4f
+# %% ../nbs/14_scripts.ipynb #2811ffa9
 def token_scripts(tok:Tokenizer|str, # tokenizer or zoo name
                  )->np.ndarray:
     "Script label of every token id (from `tokmetrics.vocab_audit`): ISO 15924 code, 'Mixed' or 'none'."
@@ -49,7 +49,7 @@ def fertility_by_script(table:pd.DataFrame, # `corpus_metrics(...).table` rows (
     return g.agg(tokens=("tokens", "sum"), words=("words", "sum"), n_languages=("group", "nunique")).assign(
         fertility=lambda x: x.tokens / x.words).reset_index()
 
-# %% ../nbs/14_scripts.ipynb #65094eaa
+# %% ../nbs/14_scripts.ipynb #a53e511c
 def script_shares(tokenizers:Sequence[Tokenizer|str], # tokenizers or zoo names
                   corpus:"M.Corpus", # multilingual texts, groups = languages
                  )->dict:
@@ -67,7 +67,7 @@ def script_shares(tokenizers:Sequence[Tokenizer|str], # tokenizers or zoo names
         fert.append(fertility_by_script(res.table, gs)); tabs.append(res.table)
     return {"shares": pd.DataFrame(rows), "fertility": pd.concat(fert, ignore_index=True), "metrics": pd.concat(tabs, ignore_index=True)}
 
-# %% ../nbs/14_scripts.ipynb #6dede3f3
+# %% ../nbs/14_scripts.ipynb #2ea87487
 DOMAINS = ("gcide", "fortunes", "code")
 
 def domain_records(name:str, # 'gcide' (dictionary definitions), 'fortunes' or 'code' (Python stdlib)
@@ -77,12 +77,15 @@ def domain_records(name:str, # 'gcide' (dictionary definitions), 'fortunes' or '
     from tokexp.lm import split_records
     if name == "code":
         from tokexp.mixture import python_code_sample
-        recs = python_code_sample(max_bytes=10**9)
+        import re
+        recs = [b for f in python_code_sample(max_bytes=10**9) for b in re.split(r"\n(?=(?:def |class |@))", f)]  # top-level blocks
     elif name in ("gcide", "fortunes"):
         from tokexp.assets import read_domain
         recs = read_domain(name)
     else: raise ConfigError(f"unknown domain {name!r}; valid: {', '.join(DOMAINS)}")
-    return split_records(recs, max_chars=max_chars, min_chars=20)
+    tr, ho = split_records(recs, max_chars=max_chars, min_chars=20)
+    if not tr or not ho: raise InputError(f"domain {name!r} has {len(tr)} train and {len(ho)} held-out records at max_chars={max_chars}: raise max_chars")
+    return tr, ho
 
 def domain_tokenizer(texts:Sequence[str], # training texts
                      vocab_size:int, # BPE vocabulary size
@@ -97,7 +100,7 @@ def domain_tokenizer(texts:Sequence[str], # training texts
         with _atomic_dir(path, force=True) as tmp: tok.backend.save(str(tmp/"tokenizer.json"))
     return HFTokenizer.from_file(path/"tokenizer.json", name=name, family="trained")
 
-# %% ../nbs/14_scripts.ipynb #2d9a70f4
+# %% ../nbs/14_scripts.ipynb #96f6634e
 def domain_comparison(tokenizers:dict, # label -> Tokenizer (or zoo name)
                       heldout:dict, # domain -> held-out texts
                       reference:str="cl100k_base", # label whose token count is the 100% baseline
