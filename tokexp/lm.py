@@ -826,7 +826,7 @@ def benchmark_token_stats(model, tokenizer, texts:Sequence[str], # model, tokeni
     W = model_context(model) or 1024
     bos = tokenizer.bos_token_id
     ids = [([bos] if bos is not None else []) + e for e in tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]]
-    ids = [s[:W] for s in ids if len(s) >= 2]
+    ids = sorted((s[:W] for s in ids if len(s) >= 2), key=len, reverse=True)  # token_stats' own grouping: equal padding
     cut = [tokenizer.decode(s[1:] if bos is not None else s) for s in ids]
     pad = tokenizer.pad_token_id or 0
     batches = []

@@ -11,8 +11,8 @@ __all__ = ['EXECUTORS', 'WORKER_ENV', 'parse_sweep_values', 'sweep_grid', 'plan_
 import contextlib, itertools, os, shutil, sys, time, datetime as _dt
 from pathlib import Path
 from typing import Any, Callable, Sequence
-from .core import (ConfigError, TokexpError, Registry, default_profile, load_settings, project_root, stable_hash,
-                         write_json, read_json)
+from .core import (ConfigError, TokexpError, Registry, default_profile, load_settings, parse_value, project_root,
+                         stable_hash, write_json, read_json)
 from .report import (experiment_path, template_parameters, coerce_param, resolve_parameters, run_id, run_experiment,
                            reports_dir)
 
@@ -75,7 +75,11 @@ def plan_sweep(experiment:str, # experiment name or template path
     if both: raise ConfigError(f"parameter(s) {both} are both swept and fixed; give each parameter once")
     for k in ("output_dir", "profile"):
         if k in axes: raise ConfigError(f"{k!r} cannot be swept (the runner sets it; sweep profiles with one sweep per --profile)")
-    typed = {k: [coerce_param(decl[k], v, from_cli=from_cli and isinstance(v, str)) for v in vals] for k, vals in axes.items()}
+    def conv(k, v):  # a list-typed value written without quotes ("[ref-small, ref-llama]") is a list of words
+        if from_cli and isinstance(v, str) and v.strip().startswith("[") and isinstance(parse_value(v), str):
+            v = [parse_value(x) for x in parse_sweep_values(v)]
+        return coerce_param(decl[k], v, from_cli=from_cli and isinstance(v, str))
+    typed = {k: [conv(k, v) for v in vals] for k, vals in axes.items()}
     combos = sweep_grid(typed, zipped)
     resolved = [resolve_parameters(str(tpl), {**params, **c}, profile, from_cli=from_cli) for c in combos]
     rids = [run_id(str(tpl), profile, r) for r in resolved]
