@@ -437,7 +437,8 @@ def test_every_scheme_detects_its_toy_generations_and_survives_its_attacks():
         if name in ("synthid_weighted",): continue
         ids = toy_generate(WatermarkLogitsProcessor(wm), n=12, T=60, V=300, seed=8)
         kw = dict(entropy=np.full(ids.shape, 5.0)) if wm.needs_entropy else {}
-        assert (detect(wm, ids, alpha=0.01, **kw)["detected"]).mean() >= 0.9, name
+        a = 0.05 if isinstance(wm, EXPEdit) else 0.01  # EXP-edit's permutation p-value is at least 1/(R+1) = 0.02 here
+        assert (detect(wm, ids, alpha=a, **kw)["detected"]).mean() >= 0.9, name
     # robustness properties the schemes are built for
     ids = toy_generate(WatermarkLogitsProcessor(Unigram(vocab_size=300, key=3)), n=12, T=60, V=300, seed=8)
     assert detect(Unigram(vocab_size=300, key=3), shuffle_spans(ids, 4, seed=1), alpha=0.01)["detected"].mean() >= 0.9
@@ -449,10 +450,10 @@ def test_every_scheme_detects_its_toy_generations_and_survives_its_attacks():
 def test_emoji_attack_breaks_context_hashing_but_not_the_fixed_list(tiny_lm):
     from tokexp.watermark import generate_with_insertions
     model, tok = tiny_lm
-    prompts = np.array([[tok.bos_token_id] + tok("The cat", add_special_tokens=False)["input_ids"]] * 6)
+    prompts = np.array([[tok.bos_token_id] + tok("The cat", add_special_tokens=False)["input_ids"][:2]] * 16)
     emoji = tok("!", add_special_tokens=False)["input_ids"][0]
     for wm, broken in [(KGW(delta=4.0, key=3), True), (Unigram(vocab_size=len(tok), delta=4.0, key=3), False)]:
-        ids = generate_with_insertions(model, prompts, WatermarkLogitsProcessor(wm, len(tok)), 24, emoji, seed=1)
+        ids = generate_with_insertions(model, prompts, WatermarkLogitsProcessor(wm, len(tok)), 14, emoji, seed=1)  # 3 + 28 < ctx 32
         pooled = detect(wm, [ids.ravel()])["p_value"][0]
         assert (pooled > 1e-3) == broken, (wm.name, pooled)
 

@@ -9,7 +9,7 @@ __all__ = ['WATERMARKS', 'ALPHA', 'mix64', 'context_hash', 'token_uniform', 'Wat
            'copy_paste', 'paraphrase_spans', 'generate_with_insertions', 'distinct_n', 'sentence_bleu', 'self_bleu',
            'best_of_n', 'ar_select', 'ar_lower_bound']
 
-# %% ../nbs/32_watermark.ipynb #3334768f
+# %% ../nbs/32_watermark.ipynb #24967a00
 import functools
 import math
 from dataclasses import dataclass
@@ -49,7 +49,7 @@ def token_uniform(ctx_hash:np.ndarray, # [...] context hashes
         x = mix64(np.asarray(ctx_hash, np.uint64) ^ mix64(np.asarray(tokens, np.int64).astype(np.uint64) + _GOLD))
     return ((x >> np.uint64(11)).astype(np.float64) + 0.5) / 2.0**53
 
-# %% ../nbs/32_watermark.ipynb #ed165bf7
+# %% ../nbs/32_watermark.ipynb #22e1b2cc
 @dataclass(frozen=True)
 class Watermark:
     "Base class of a watermark scheme: keyed pseudo-random numbers, a per-token score, a test and a generation rule."
@@ -106,7 +106,7 @@ def _one_hot_logits(scores, pick):
     return out
 
 
-# %% ../nbs/32_watermark.ipynb #86757471
+# %% ../nbs/32_watermark.ipynb #e40f4943
 def _binom_test(total, n, q):
     "(z, exact one-sided p = P(X ≥ total), X ~ Binomial(n, q)) per text."
     from scipy.stats import binom
@@ -179,7 +179,7 @@ class Aaronson(Watermark):
         return _one_hot_logits(scores, self.select(scores, self.candidates(context, scores.shape[-1])))
 
 
-# %% ../nbs/32_watermark.ipynb #fd6ee96d
+# %% ../nbs/32_watermark.ipynb #9c745ca1
 @WATERMARKS.register("modified_gumbel")
 @dataclass(frozen=True)
 class ModifiedGumbel(Aaronson):
@@ -192,7 +192,7 @@ class ModifiedGumbel(Aaronson):
         return self.log_keys(scores, self.candidates(context, scores.shape[-1])).to(scores.dtype)
 
 
-# %% ../nbs/32_watermark.ipynb #54463c16
+# %% ../nbs/32_watermark.ipynb #26ca369d
 @functools.lru_cache(maxsize=16)
 def _unigram_green(key:int, V:int, G:int)->np.ndarray:
     "Boolean [V]: the G tokens with the smallest u(key, ·) — a uniformly random G-subset per key."
@@ -259,11 +259,11 @@ class SWEET(KGW):
 
     def process(self, scores, context, step=0):
         import torch
-        hi = (_entropy(scores) >= self.entropy_threshold).to(scores.dtype)[:, None]
-        return scores + hi * (self.bias(scores, self.candidates(context, scores.shape[-1])) - scores)
+        hi = (_entropy(scores) >= self.entropy_threshold)[:, None]
+        return torch.where(hi, self.bias(scores, self.candidates(context, scores.shape[-1])), scores)
 
 
-# %% ../nbs/32_watermark.ipynb #3f6c4c6c
+# %% ../nbs/32_watermark.ipynb #18e565e5
 def dip_reweight(p:np.ndarray, # [..., V] next-token probabilities, in permutation order
                  alpha:float, # reweighting strength α ∈ [0, 0.5]
                 )->np.ndarray:
@@ -320,7 +320,7 @@ class DiPmark(Watermark):
             return torch.as_tensor(np.log(np.maximum(q, 0.0)), device=scores.device).to(scores.dtype)
 
 
-# %% ../nbs/32_watermark.ipynb #c20530e3
+# %% ../nbs/32_watermark.ipynb #d3d94090
 _LAYER_SALT = np.uint64(0xD1B54A32D192ED03)
 
 @WATERMARKS.register("synthid")
@@ -336,7 +336,7 @@ class SynthID(Watermark):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.m < 1: raise ConfigError(f"synthid: m (layers) must be >= 1, got {self.m}")
+        if not 1 <= self.m <= 64: raise ConfigError(f"synthid: m (layers) must be in 1..64 (one 64-bit hash per token), got {self.m}")
         if self.score not in ("mean", "weighted_mean"): raise ConfigError(f"synthid: score must be 'mean' or 'weighted_mean', got {self.score!r}")
 
     @property
@@ -346,10 +346,10 @@ class SynthID(Watermark):
         w = np.linspace(10, 1, self.m); return w * self.m / w.sum()
 
     def gvalues(self, ctx_hash:np.ndarray, tokens:np.ndarray)->np.ndarray:
-        "g_ℓ(context, token) ∈ {0, 1} for the m layers, `[..., m]` (broadcast ctx_hash against tokens)."
+        "g_ℓ(context, token) ∈ {0, 1} for the m layers, `[..., m]`: bit ℓ of one keyed 64-bit hash (broadcast ctx_hash against tokens)."
         with np.errstate(over="ignore"):
-            return np.stack([token_uniform(mix64(np.asarray(ctx_hash, np.uint64) ^ (_LAYER_SALT * np.uint64(l + 1))), tokens) < 0.5
-                             for l in range(self.m)], -1)
+            x = mix64(np.asarray(ctx_hash, np.uint64) ^ mix64(np.asarray(tokens, np.int64).astype(np.uint64) + _GOLD) ^ _LAYER_SALT)
+        return ((x[..., None] >> np.arange(self.m, dtype=np.uint64)) & np.uint64(1)).astype(bool)
 
     def token_scores(self, ids, context):
         "Weighted fraction of layers with g = 1 (per token, mean ½ without watermark)."
@@ -381,11 +381,11 @@ class SynthID(Watermark):
         g = torch.as_tensor(self.gvalues(context_hash(self.key, context)[:, None], np.arange(V)[None]), device=scores.device).double()
         for l in range(self.m):
             gl = g[..., l]
-            p = p * (1 + gl - (p * gl).sum(-1, keepdim=True))
-        return torch.log(p).to(scores.dtype)
+            p = (p * (1 + gl - (p * gl).sum(-1, keepdim=True))).clamp_min(0.0)  # rounding can push 1 − Σpg below 0
+        return torch.log(p / p.sum(-1, keepdim=True)).to(scores.dtype)
 
 
-# %% ../nbs/32_watermark.ipynb #6eb3b435
+# %% ../nbs/32_watermark.ipynb #896b5054
 def levenshtein_cost(C:np.ndarray, # [..., L, k] match costs c(i, j) (text position i against key position j)
                      gamma:float, # insertion / deletion cost
                     )->np.ndarray:
@@ -487,7 +487,7 @@ class EXPEdit(Watermark):
                 "score": phi, "flagged_short": short, "token_scores": tok, "scored": scored}
 
 
-# %% ../nbs/32_watermark.ipynb #667eed49
+# %% ../nbs/32_watermark.ipynb #79cfcfe0
 def pad_ids(seqs, # list of token-id sequences, or an [N, T] array padded with -1
            )->np.ndarray:
     "`[N, T]` int64 array padded with −1."
@@ -552,7 +552,7 @@ def detect(wm:Watermark, # the scheme and its key
             "flagged_short": short, "token_scores": np.where(scored, st, np.nan), "scored": scored}
 
 
-# %% ../nbs/32_watermark.ipynb #0d1397f3
+# %% ../nbs/32_watermark.ipynb #ff1f93d3
 class WatermarkLogitsProcessor:
     "A Hugging Face `LogitsProcessor` applying a watermark scheme at each generation step."
     def __init__(self, wm:Watermark, # the scheme
@@ -598,7 +598,7 @@ def toy_generate(proc=None, # WatermarkLogitsProcessor (None: no watermark)
         ids = torch.cat([ids, nxt[:, None]], 1)
     return ids[:, 1:].numpy()
 
-# %% ../nbs/32_watermark.ipynb #32711087
+# %% ../nbs/32_watermark.ipynb #7b90c0fd
 def step_distribution(wm:Watermark, # scheme and key
                       scores, # [B, V] logits (torch)
                       context:np.ndarray, # [B, h] previous ids
@@ -629,7 +629,12 @@ def edit_ids(seqs, # list of token-id sequences
         else: out.append(np.where(hit, rng.integers(0, vocab_size, len(s)), s))
     return out
 
-# %% ../nbs/32_watermark.ipynb #ea783ab7
+# %% ../nbs/32_watermark.ipynb #14319cbc
+def _window(model)->int|None:
+    "The model's longest input (positions), if it has one."
+    c = model.config
+    return getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", None)
+
 def _clean(seqs)->list[np.ndarray]:
     out = []
     for s in seqs:
@@ -698,7 +703,7 @@ def paraphrase_spans(model, # a causal LM (the paraphraser: a different model fr
         for a in starts:
             x = torch.as_tensor(np.concatenate([prompts, ids[:, :a]], 1), device=dev)
             for t in range(span):
-                logits = model(input_ids=x, use_cache=False).logits[:, -1].float().cpu()
+                logits = model(input_ids=x[:, -(_window(model) or x.shape[1]):], use_cache=False).logits[:, -1].float().cpu()
                 if vocab_size: logits[:, vocab_size:] = float("-inf")
                 nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)
                 x = torch.cat([x, nxt.to(dev)], 1)
@@ -721,7 +726,7 @@ def generate_with_insertions(model, # causal LM
     out = []
     with torch.inference_mode():
         for t in range(new_tokens):
-            logits = model(input_ids=x, use_cache=False).logits[:, -1].float().cpu()
+            logits = model(input_ids=x[:, -(_window(model) or x.shape[1]):], use_cache=False).logits[:, -1].float().cpu()  # the last window
             if proc is not None: logits = proc(x.cpu(), logits)
             nxt = logits.argmax(-1, keepdim=True) if greedy else torch.multinomial(torch.softmax(logits, -1), 1, generator=g)
             out.append(nxt[:, 0].numpy())
@@ -729,7 +734,7 @@ def generate_with_insertions(model, # causal LM
     return np.stack(out, 1)
 
 
-# %% ../nbs/32_watermark.ipynb #58870130
+# %% ../nbs/32_watermark.ipynb #4eb0b24b
 def _ngrams(s:Sequence[int], n:int)->list[tuple]: return [tuple(s[i:i + n]) for i in range(len(s) - n + 1)]
 
 def distinct_n(seqs, # token-id sequences
@@ -770,7 +775,7 @@ def self_bleu(seqs, # token-id sequences (a set of generations)
     return float(np.mean([sentence_bleu(s[i], s[:i] + s[i + 1:], max_n) for i in range(len(s))]))
 
 
-# %% ../nbs/32_watermark.ipynb #1bfefcab
+# %% ../nbs/32_watermark.ipynb #2f01e1bd
 def best_of_n(rewards:np.ndarray, # [P, n_max] rewards of n_max watermarked generations per prompt (any order)
              )->np.ndarray:
     "Alignment Resampling: mean over prompts of the best reward among the first n generations, for n = 1..n_max."
