@@ -9,7 +9,7 @@ __all__ = ['LEXICONS', 'LANG_SCRIPTS', 'UDHR_KEYS', 'token_surface', 'surfaces_o
            'HunspellLexicon', 'zeyrek_segment', 'TurkishLexicon', 'make_lexicon', 'integrity_counts', 'vocab_integrity',
            'evaluate_integrity']
 
-# %% ../nbs/12_linguistic.ipynb #62e66701
+# %% ../nbs/12_linguistic.ipynb #d4b931b2
 import contextlib, functools, logging, time
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -21,7 +21,7 @@ from .core import ConfigError, InputError, Registry, load_settings, read_json, s
 from .tokenizers import Tokenizer, load_tokenizer
 from . import tokmetrics as M
 
-# %% ../nbs/12_linguistic.ipynb #39e7344a
+# %% ../nbs/12_linguistic.ipynb #304484f7
 def token_surface(b:bytes, # the raw bytes of one token (`Tokenizer.all_token_bytes()`; specials are b"")
                  )->str:
     "The token as the paper compares it: decoded on its own (U+FFFD for broken UTF-8), surrounding whitespace stripped."
@@ -43,7 +43,7 @@ def used_surfaces(tok:Tokenizer, # the tokenizer that produced `ids`
     s = s[s.index != ""]
     return s.sort_values(ascending=False, kind="stable")
 
-# %% ../nbs/12_linguistic.ipynb #925b8158
+# %% ../nbs/12_linguistic.ipynb #b176ce5f
 class Lexicon:
     "Base class: valid words, roots and morphemes of one language, with memoised verdicts."
     scripts:tuple = ()  # ISO 15924 scripts of the language's letters (empty: no script shortcut)
@@ -122,7 +122,7 @@ class SetLexicon(Lexicon):
     @property
     def key(self): return stable_hash([type(self).__name__, self.lang, sorted(self.words), sorted(self.roots), sorted(self.morphemes), self.fold])
 
-# %% ../nbs/12_linguistic.ipynb #487953e0
+# %% ../nbs/12_linguistic.ipynb #2fb03b52
 LANG_SCRIPTS = {"tr": ("Latn",), "de": ("Latn",), "en": ("Latn",), "es": ("Latn",), "ru": ("Cyrl",), "hi": ("Deva",)}
 UDHR_KEYS = {"tr": "tur", "de": "deu_1996", "ru": "rus", "hi": "hin", "en": "eng", "es": "spa"}  # language -> UDHR declaration
 
@@ -155,12 +155,17 @@ class HunspellLexicon(Lexicon):
             self.aff, self.dic = Path(f"{stem}.aff"), Path(f"{stem}.dic")
             if not (self.aff.is_file() and self.dic.is_file()): raise InputError(f"hunspell dictionary {stem}: need both {self.aff} and {self.dic}")
         self.scripts = LANG_SCRIPTS.get(lang, ())
-        self.dictionary = _spylls_dictionary(str(self.aff.with_suffix("")))
-        d = self.dictionary
-        self.stems = {w.stem for w in d.dic.words}
-        self.affixes = {a.add for tbl in (d.aff.SFX, d.aff.PFX) for lst in tbl.values() for a in lst if a.add}
         self.lookup_errors = []  # strings spylls could not look up (counted invalid)
         self._files_sha = [sha256_file(p) for p in (self.aff, self.dic)]
+    # parsed on first use: with a complete disk memo (`load_memo`) a rerun never parses the dictionary
+    @functools.cached_property
+    def dictionary(self): return _spylls_dictionary(str(self.aff.with_suffix("")))
+    @functools.cached_property
+    def stems(self)->set: return {w.stem for w in self.dictionary.dic.words}
+    @functools.cached_property
+    def affixes(self)->set:
+        d = self.dictionary
+        return {a.add for tbl in (d.aff.SFX, d.aff.PFX) for lst in tbl.values() for a in lst if a.add}
     @property
     def key(self): return stable_hash([type(self).__name__, self.lang, self._files_sha, self.scripts, 1])
     def _is_word(self, s):
@@ -170,7 +175,7 @@ class HunspellLexicon(Lexicon):
     def _is_root(self, s): return s in self.stems or s.lower() in self.stems
     def _is_morpheme(self, s): return s in self.affixes or s.lower() in self.affixes
 
-# %% ../nbs/12_linguistic.ipynb #c8d08035
+# %% ../nbs/12_linguistic.ipynb #e9d34057
 @functools.lru_cache(maxsize=1)
 def _zeyrek():
     with _quiet("zeyrek"):
@@ -216,7 +221,7 @@ def make_lexicon(lang:str, cache_dir=None)->Lexicon:
     "The default lexicon of `lang`: `TurkishLexicon` for 'tr', `HunspellLexicon` otherwise."
     return TurkishLexicon("tr", cache_dir) if lang == "tr" else HunspellLexicon(lang, cache_dir)
 
-# %% ../nbs/12_linguistic.ipynb #e71701fc
+# %% ../nbs/12_linguistic.ipynb #74022b45
 def integrity_counts(surfaces:pd.Series, # unique token strings (index) with occurrence counts (values)
                      lex:Lexicon, # the language's lexicon
                     )->dict:
@@ -242,7 +247,7 @@ def vocab_integrity(tok:Tokenizer|str, # tokenizer or zoo name
     return {"vocab_ids": len(ss), "vocab_pct_lang": 100 * float(j.valid.mean()) if len(j) else float("nan"),
             "vocab_pct_pure": 100 * float(j.pure.mean()) if len(j) else float("nan"), "vocab_sample": int(sample)}
 
-# %% ../nbs/12_linguistic.ipynb #11d6d366
+# %% ../nbs/12_linguistic.ipynb #6c3277b8
 def evaluate_integrity(tokenizers:Sequence[Tokenizer|str], # tokenizers or zoo names
                        corpus:"M.Corpus", # texts grouped by language
                        lexicons:dict, # group name -> Lexicon
