@@ -192,3 +192,9 @@ def test_template_runs_small(tmp_path, reports_tmp):
     assert 0 < bp["ensemble"] <= (bp[str(pa)] + bp[str(pb)]) / 2 + 1e-3  # log of a mean >= mean of logs, byte by byte
     for k in (str(pa), str(pb)): assert bp[k] <= m["token_bpb"][k] + 1e-3  # summing over covers never loses mass
     assert list(r.path.glob("*.png"))
+    import nbformat
+    nb = nbformat.read(r.path / "byte_level_probs.ipynb", as_version=4)
+    for i, c in enumerate(nb.cells):  # the report convention: no streams or errors, no bare reprs
+        for o in c.get("outputs", []) if c.cell_type == "code" else []:
+            assert o.get("output_type") not in ("stream", "error"), (i, o.get("text", o.get("evalue")))
+            assert set(o.get("data", {})) & {"text/html", "text/markdown", "image/png"}, (i, o.get("data"))
