@@ -748,6 +748,18 @@ def token_stats(model, # a causal LM (eval mode is enforced for the call)
     return TokenStats(ids=ids, mask=mask, **out, hidden=hid, text_hashes=[text_hash(t) for t in texts],
                       model_name=_model_name(model), other_name=_model_name(omodel) if omodel is not None else None, meta=meta)
 
+# %% ../nbs/20_lm.ipynb #0b7dac81
+def _ts_repr(self:TokenStats)->str:
+    "Short summary: `[N, T]`, scored tokens, model names, pooled mean log p and entropy (no arrays)."
+    N, T = self.ids.shape
+    n = int(self.mask.sum())
+    f = lambda v: f"{float(v[self.mask].mean()):.3f}" if n else "n/a"
+    names = (f", model={self.model_name!r}" if self.model_name else "") + (f", other={self.other_name!r}" if self.other_name else "")
+    extra = f", hidden d={self.hidden.shape[2]}" if self.hidden is not None else ""
+    return f"TokenStats({N} texts × {T} tokens, {n} scored{names}, mean logp {f(self.logp)}, mean entropy {f(self.entropy)}{extra})"
+
+TokenStats.__repr__ = _ts_repr
+
 # %% ../nbs/20_lm.ipynb #37c791f4
 def _stem(path)->Path:
     p = Path(path)
