@@ -461,6 +461,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                            'tokexp.lm._split_key': ('lm.html#_split_key', 'tokexp/lm.py'),
                            'tokexp.lm._stem': ('lm.html#_stem', 'tokexp/lm.py'),
                            'tokexp.lm._ts_load': ('lm.html#_ts_load', 'tokexp/lm.py'),
+                           'tokexp.lm._ts_repr': ('lm.html#_ts_repr', 'tokexp/lm.py'),
                            'tokexp.lm._ts_save': ('lm.html#_ts_save', 'tokexp/lm.py'),
                            'tokexp.lm._unpack_other': ('lm.html#_unpack_other', 'tokexp/lm.py'),
                            'tokexp.lm.benchmark_token_stats': ('lm.html#benchmark_token_stats', 'tokexp/lm.py'),
