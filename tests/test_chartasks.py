@@ -44,8 +44,8 @@ def test_properties_brute_force():
 
 
 def test_word_spans_from_a_real_tokenizer():
-    from tokexp.lm import load_lm
-    _, tok = load_lm("ref-small", device="cpu")
+    from tokexp.lm import load_lm, train_lm
+    _, tok = load_lm(train_lm("ref-small", progress=False), device="cpu")  # trained on first use in a fresh clone
     p = 'Q: How many times does the letter "r" appear in the word "strawberry"?\nA:'
     st = p.rindex('"strawberry"') + 1
     enc = tok(p, add_special_tokens=False, return_offsets_mapping=True)
@@ -56,8 +56,8 @@ def test_word_spans_from_a_real_tokenizer():
 
 def test_option_scores_match_direct_forward():
     import torch
-    from tokexp.lm import load_lm
-    model, tok = load_lm("ref-small", device="cpu")
+    from tokexp.lm import load_lm, train_lm
+    model, tok = load_lm(train_lm("ref-small", progress=False), device="cpu")  # trained on first use in a fresh clone
     prompts = ["Q: Which letter is at position 2 of the word \"cat\"?\nA:", "Q: How many letters?\nA:"]
     options = [["a", "b", "t"], ["3", "10", "12"]]
     got = CT.option_logprobs(model, tok, prompts, options, batch_size=2)

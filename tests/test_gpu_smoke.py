@@ -39,9 +39,11 @@ def test_profile_is_the_gpu_path():
 @pytest.fixture(scope="module")
 def smoke_env(tmp_path_factory):
     "Reference LMs in a temporary HF hub cache as hf:tokexp/<name>, offline, and an isolated reports folder."
-    from tokexp.lm import export_to_hub_cache
+    from tokexp.lm import export_to_hub_cache, train_lm
     home = tmp_path_factory.mktemp("hf_home"); reports = tmp_path_factory.mktemp("reports")
-    for n in ("ref-small", "ref-small-s2", "ref-llama"): export_to_hub_cache(n, cache_dir=home/"hub")
+    for n in ("ref-small", "ref-small-s2", "ref-llama"):
+        train_lm(n, progress=False)  # a fresh clone has not trained them yet (cached after the first time)
+        export_to_hub_cache(n, cache_dir=home/"hub")
     env = {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "TOKEXP_REPORTS_DIR": str(reports)}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # inherited by the report kernels papermill starts

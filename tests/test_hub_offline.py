@@ -7,12 +7,13 @@ from conftest import ROOT
 
 SCRIPT = r'''
 import json, os, torch, tokenizers, huggingface_hub
-from tokexp.lm import export_to_hub_cache, load_lm, hub_cache_dir, lm_path, LMS
+from tokexp.lm import export_to_hub_cache, load_lm, hub_cache_dir, lm_path, LMS, train_lm
 from tokexp.tokenizers import load_tokenizer
 from tokexp.core import AssetMissingError, ConfigError
 out = {"cache": str(hub_cache_dir())}
 text = "The quiet river runs past the old mill at night."
 for n in ["ref-small", "ref-small-s2", "ref-llama"]:
+    train_lm(n, progress=False)  # a fresh clone has not trained it yet (cached after the first time)
     snap = export_to_hub_cache(n)
     local, tl = load_lm(n)
     hub, th = load_lm(f"hf:tokexp/{n}")
