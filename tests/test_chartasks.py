@@ -8,6 +8,7 @@ import pytest
 
 from tokexp import chartasks as CT
 from tokexp.core import ConfigError, InputError
+from conftest import reads_as_report
 
 
 def test_items_answers_are_right():
@@ -89,21 +90,3 @@ def test_template_runs_small(reports_tmp):
     reads_as_report(r.path/"char_tasks.ipynb")
 
 
-def reads_as_report(nb_path):
-    "The report convention: title, quiet compute cells, ## Findings in words before ## Method, no streams or bare reprs, ends with save_metrics."
-    import nbformat
-    cells = nbformat.read(nb_path, as_version=4).cells
-    md = [(i, c.source.strip()) for i, c in enumerate(cells) if c.cell_type == "markdown"]
-    assert md[0][0] == 0 and md[0][1].startswith("# ")
-    heads = {s.splitlines()[0]: i for i, s in md if s.startswith("## ")}
-    f = heads["## Findings"]
-    assert f < heads["## Method"]
-    assert any("text/markdown" in o.get("data", {}) for o in cells[f + 1].get("outputs", []))
-    for i, c in enumerate(cells):
-        if c.cell_type != "code": continue
-        if "parameters" in c.metadata.get("tags", []): assert "remove-cell" in c.metadata["tags"]
-        for o in c.get("outputs", []):
-            assert o.get("output_type") not in ("stream", "error"), (i, o)
-            assert set(o.get("data", {})) & {"text/html", "text/markdown", "image/png"}, (i, o)
-            if i < f: assert not o.get("data"), (i, "compute cells before the findings must be quiet")
-    assert "save_metrics(" in [c for c in cells if c.cell_type == "code"][-1].source

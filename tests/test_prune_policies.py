@@ -12,6 +12,7 @@ from tokexp.kernels.attention import attention_importance
 from tokexp.prune.policies import (cache_keyword, PrunePolicy, POLICIES, make_policy, H2O, SnapKV, TOVA, A2SF, StreamingLLM, LazyLLM,
                                    RandomPolicy, KeyNorm, select_keep, gather_positions, attend_to, evict, kv_bytes,
                                    attention_layers, module_queries)
+from conftest import reads_as_report
 
 VOCAB = 97
 
@@ -619,26 +620,6 @@ def test_kv_pruning_quality_template_runs_small(reports_tmp):
     assert set(m["copy_probe"]["acc_at_budget"]) == set(pols + sels)
     assert (r.path / "quality_vs_memory.png").exists() and (r.path / "ppl.csv").exists()
     reads_as_report(r.path / "kv_pruning_quality.ipynb")
-
-
-def reads_as_report(nb_path):
-    "The report convention: title, quiet compute cells, ## Findings in words before ## Method, no streams or bare reprs, ends with save_metrics."
-    import nbformat
-    cells = nbformat.read(nb_path, as_version=4).cells
-    md = [(i, c.source.strip()) for i, c in enumerate(cells) if c.cell_type == "markdown"]
-    assert md[0][0] == 0 and md[0][1].startswith("# ")
-    heads = {s.splitlines()[0]: i for i, s in md if s.startswith("## ")}
-    f = heads["## Findings"]
-    assert f < heads["## Method"]
-    assert any("text/markdown" in o.get("data", {}) for o in cells[f + 1].get("outputs", []))
-    for i, c in enumerate(cells):
-        if c.cell_type != "code": continue
-        if "parameters" in c.metadata.get("tags", []): assert "remove-cell" in c.metadata["tags"]
-        for o in c.get("outputs", []):
-            assert o.get("output_type") not in ("stream", "error"), (i, o)
-            assert set(o.get("data", {})) & {"text/html", "text/markdown", "image/png"}, (i, o)
-            if i < f: assert not o.get("data"), (i, "compute cells before the findings must be quiet")
-    assert "save_metrics(" in [c for c in cells if c.cell_type == "code"][-1].source
 
 
 # ---------------------------------------------------------------- representation instead of eviction: KVCrush, Elastic Cache
