@@ -36,3 +36,17 @@ def reads_as_report(nb_path):
             assert set(o.get("data", {})) & {"text/html", "text/markdown", "image/png"}, (i, o)
             if i < f: assert not o.get("data"), (i, "compute cells before the findings must be quiet")
     assert "save_metrics(" in [c for c in cells if c.cell_type == "code"][-1].source
+
+def tiny_lm(arch, impl="sdpa", layers=2, seed=0, vocab=97):
+    "A small random GPT-2 or Llama (GQA) model for the KV-cache tests."
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+    if arch == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab, n_positions=256, n_embd=64, n_layer=layers, n_head=4, initializer_range=0.2,
+                         bos_token_id=0, eos_token_id=None, pad_token_id=0)
+    else:
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2,
+                          bos_token_id=0, eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation=impl).eval()

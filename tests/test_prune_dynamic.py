@@ -11,21 +11,12 @@ from tokexp.core import ConfigError, InputError
 from tokexp.prune.policies import cache_keyword
 from tokexp.prune.dynamic import (SELECTORS, make_selector, TokenSelect, TidalDecode, DynamicSelector, dynamic_select,
                                   tokenselect_votes, tidal_layers)
+from conftest import tiny_lm
 
 VOCAB = 97
 
 
-def tiny(arch, impl="sdpa", layers=4, seed=0):
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
-    if arch == "gpt2":
-        cfg = GPT2Config(vocab_size=VOCAB, n_positions=256, n_embd=64, n_layer=layers, n_head=4, initializer_range=0.2,
-                         bos_token_id=0, eos_token_id=None, pad_token_id=0)
-    else:
-        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2,
-                          bos_token_id=0, eos_token_id=None, pad_token_id=0)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(cfg, attn_implementation=impl).eval()
+def tiny(arch, impl="sdpa", layers=4, seed=0): return tiny_lm(arch, impl, layers, seed, VOCAB)
 
 
 def batch(n=37, b=2, pad=5, seed=1):

@@ -12,22 +12,12 @@ from tokexp.kernels.attention import attention_importance
 from tokexp.prune.policies import (cache_keyword, PrunePolicy, POLICIES, make_policy, H2O, SnapKV, TOVA, A2SF, StreamingLLM, LazyLLM,
                                    RandomPolicy, KeyNorm, select_keep, gather_positions, attend_to, evict, kv_bytes,
                                    attention_layers, module_queries)
-from conftest import reads_as_report
+from conftest import reads_as_report, tiny_lm
 
 VOCAB = 97
 
 
-def tiny(arch, impl="sdpa", layers=2, seed=0):
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
-    if arch == "gpt2":
-        cfg = GPT2Config(vocab_size=VOCAB, n_positions=256, n_embd=64, n_layer=layers, n_head=4, initializer_range=0.2,
-                         bos_token_id=0, eos_token_id=None, pad_token_id=0)
-    else:
-        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2,
-                          bos_token_id=0, eos_token_id=None, pad_token_id=0)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(cfg, attn_implementation=impl).eval()
+def tiny(arch, impl="sdpa", layers=2, seed=0): return tiny_lm(arch, impl, layers, seed, VOCAB)
 
 
 def ids(n, seed=1, batch=1):
