@@ -57,9 +57,13 @@ assets: env
 lms: env assets
 	$(BIN)/tokexp lm train
 
+# the sweep `make run` publishes on the site: a 2x2 grid (model x few-shot examples) of char_tasks on a local Ray
+SWEEP ?= char_tasks -p models "[[ref-small], [ref-llama]]" -p n_shots "[0, 1]" --metric mean_accuracy --max-parallel 2
+
 run: env assets
 	@rc=0; [ "$(PROFILE)" != cpu ] || $(BIN)/tokexp lm train || rc=$$?; \
 	$(BIN)/tokexp run --profile $(PROFILE) || rc=$$?; \
+	[ "$(PROFILE)" != cpu ] || [ -z '$(SWEEP)' ] || $(BIN)/tokexp sweep $(SWEEP) || rc=$$?; \
 	$(BIN)/tokexp site || rc=$$?; exit $$rc
 
 site: env

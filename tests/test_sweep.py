@@ -16,7 +16,7 @@ if marker and (a, b) == (2, 0.5):  # the first attempt of one combination waits 
         m.write_text(f"{os.getppid()} {os.getpid()}"); time.sleep(300)
 assert a != 3, "a=3 is refused"
 x = np.random.default_rng(seed + 1000 * a).normal(size=1000) * b
-save_metrics(output_dir, {"mean": float(x.mean()), "std": float(x.std()), "ab": a * b, "ppid": os.getppid()})
+save_metrics(output_dir, {"mean": float(x.mean()), "std": float(x.std()), "ab": a * b, "ppid": os.getppid(), "nested": {"ab2": 2 * a * b}})
 """
 
 @pytest.fixture
@@ -92,6 +92,15 @@ def test_rerun_reuses_and_failure_leaves_others(tpl, tmp_path, monkeypatch):
     assert read_json(sweep_path(again))["counts"] == {"ok": 0, "reused": 2, "failed": 0}
     forced = run_sweep(tpl, {"a": [1]}, executor="serial", force=True, progress=False)
     assert forced["runs"][0]["status"] == "ok"
+
+def test_nested_metric(tpl, tmp_path, monkeypatch):
+    "A dotted --metric reaches a nested number of metrics.json; a key no run has is refused with the ones that exist."
+    monkeypatch.setenv("TOKEXP_REPORTS_DIR", str(tmp_path/"reports"))
+    rec = run_sweep(tpl, {"a": [1, 2]}, {"b": 1.5}, executor="serial", metric="nested.ab2", progress=False)
+    assert rec["metric"] == "nested.ab2" and [r["nested.ab2"] for r in rec["table"]] == [3.0, 6.0]
+    assert (tmp_path/"reports"/"tiny"/rec["plot"]).exists()
+    with pytest.raises(ConfigError, match="nested.nope"):
+        run_sweep(tpl, {"a": [1, 2]}, {"b": 1.5}, executor="serial", metric="nested.nope", progress=False)
 
 def test_cli(tpl, tmp_path):
     env = {**os.environ, "TOKEXP_REPORTS_DIR": str(tmp_path/"reports")}

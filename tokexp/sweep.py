@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 from .core import (ConfigError, TokexpError, Registry, default_profile, load_settings, parse_value, project_root,
                          stable_hash, write_json, read_json)
 from .report import (experiment_path, template_parameters, coerce_param, resolve_parameters, run_id, run_experiment,
-                           reports_dir)
+                           reports_dir, metric_value)
 
 # %% ../nbs/52_sweep.ipynb #de3c3c13
 def parse_sweep_values(text:str # a command-line value list: "[1, 2]", "[ref-small, ref-small-s2]", "[[32, 64], [128]]"
@@ -211,11 +211,19 @@ def make_executor(name:str|None=None, # "serial", "ray", or None: ray when insta
     return EXECUTORS.get(name)(**kw)
 
 # %% ../nbs/52_sweep.ipynb #85a26d60
-def _scalar_metrics(path:Path)->dict[str, float]:
+def _num(v)->bool: return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+def _scalar_metrics(path:Path, metric:str|None=None)->dict[str, float]:
+    "Top-level numeric metrics of a run, plus `metric` when it is a dotted key reaching a nested number."
     f = path/"metrics.json"
     if not f.exists(): return {}
     m = read_json(f)
-    return {k: float(v) for k, v in m.items() if k != "_run" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    out = {k: float(v) for k, v in m.items() if k != "_run" and _num(v)}
+    if metric and metric not in out:
+        try: v = metric_value(m, metric)
+        except KeyError: v = None
+        if _num(v): out[metric] = float(v)
+    return out
 
 def run_sweep(experiment:str, # experiment name or template path
               axes:dict[str, Sequence], # swept parameter → its values
@@ -260,7 +268,7 @@ def run_sweep(experiment:str, # experiment name or template path
         rec.update(status="interrupted", wall_s=round(time.time() - t0, 2)); write_json(path, rec); raise
     finally: bar.close()
     rec["table"] = [{**r["values"], "status": r["status"], "run_id": r["run_id"],
-                     **(_scalar_metrics(root/r["path"]) if r["status"] in ("ok", "reused") and r["path"] else {})} for r in rec["runs"]]
+                     **(_scalar_metrics(root/r["path"], metric) if r["status"] in ("ok", "reused") and r["path"] else {})} for r in rec["runs"]]
     keys = [k for row in rec["table"] for k in row if k not in (*rec["axes"], "status", "run_id")]
     if metric is not None and metric not in keys and keys:
         raise ConfigError(f"metric {metric!r} is not among the runs' numeric metrics: {', '.join(dict.fromkeys(keys))}")
