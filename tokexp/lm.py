@@ -522,6 +522,8 @@ class TokenStats:
     cross_mean_logp: np.ndarray|None = None # [N, T] E_q[log p] with q = the other model
     cross_var_logp: np.ndarray|None = None # [N, T] Var_q[log p]
     hidden: np.ndarray|None = None # [N, T, d] last hidden state at the predicting position
+    topk_logp: np.ndarray|None = None # [N, T, k] the k largest log p of the predictive distribution, descending (token_stats(topk=k))
+    topk_ids: np.ndarray|None = None # [N, T, k] int64 their token ids (-1 where unscored)
     text_hashes: list = field(default_factory=list) # text_hash of each text
     model_name: str = "" # the scoring model
     other_name: str|None = None # the second model of the cross statistics
@@ -533,6 +535,9 @@ class TokenStats:
             v = getattr(self, k)
             if v is not None and v.shape != (N, T): raise InputError(f"TokenStats.{k} has shape {v.shape}, expected {(N, T)}")
         if self.hidden is not None and self.hidden.shape[:2] != (N, T): raise InputError(f"TokenStats.hidden has shape {self.hidden.shape}")
+        if (self.topk_logp is None) != (self.topk_ids is None): raise InputError("TokenStats needs both topk_logp and topk_ids, or neither")
+        if self.topk_logp is not None and (self.topk_logp.ndim != 3 or self.topk_logp.shape[:2] != (N, T) or self.topk_ids.shape != self.topk_logp.shape):
+            raise InputError(f"TokenStats.topk_logp/topk_ids have shapes {self.topk_logp.shape}/{self.topk_ids.shape}, expected {(N, T)} + (k,)")
         if len(self.text_hashes) != N: raise InputError(f"TokenStats has {N} rows but {len(self.text_hashes)} text hashes")
 
     def __len__(self): return self.ids.shape[0]
@@ -640,6 +645,7 @@ def token_stats(model, # a causal LM (eval mode is enforced for the call)
                 other=None, # (model, tokenizer) of a second model for cross statistics, same vocabulary
                 truncate_vocab:bool=False, # with `other`: allow output layers of different widths, compared over the smaller one's ids
                 hidden:bool=False, # also return last hidden states
+                topk:int=0, # also return the k largest log-probabilities per position and their ids (0: none)
                 allow_empty:bool=False, # allow texts with no scorable token (all-masked rows) instead of raising
                 impl:str="auto", # vocab-statistics implementation ("auto": Triton on CUDA, torch on CPU)
                 progress:bool=False, # tqdm bar over batches
@@ -651,6 +657,7 @@ def token_stats(model, # a causal LM (eval mode is enforced for the call)
     texts = _check_texts(texts)
     if padding_side not in ("left", "right"): raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     if batch_size < 1: raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    if not isinstance(topk, (int, np.integer)) or isinstance(topk, bool) or topk < 0: raise InputError(f"topk must be an int >= 0, got {topk!r}")
     omodel, otok = _unpack_other(other)
     if omodel is not None: check_same_vocab(tokenizer, otok, (_model_name(model), _model_name(omodel)))
     ctx = model_context(model)
@@ -681,6 +688,7 @@ def token_stats(model, # a causal LM (eval mode is enforced for the call)
                          f"models with one output vocabulary, or pass truncate_vocab=True to compare them over the first {min(Vm)} ids "
                          "(what Fast-DetectGPT's reference code does silently).")
     V = min([Vt] + Vm)
+    if topk > V: raise InputError(f"topk={topk} exceeds the vocabulary size {V}")
     top = max((max(s) for s in seqs if s), default=-1)
     low = min((min(s) for s in seqs if s), default=0)
     if top >= min(Vm) or low < 0:
@@ -692,6 +700,8 @@ def token_stats(model, # a causal LM (eval mode is enforced for the call)
     out = {k: np.zeros((N, T), dtype=np.int64 if k == "rank" else np.float32) for k in STAT_FIELDS}
     if omodel is not None: out.update({k: np.zeros((N, T), np.float32) for k in CROSS_FIELDS})
     hid = None
+    tk_lp = np.zeros((N, T, topk), np.float32) if topk else None
+    tk_id = np.full((N, T, topk), -1, np.int64) if topk else None
     mask = np.zeros((N, T), dtype=bool)
     ids = np.full((N, T), -1, dtype=np.int64)
     for i, sq in enumerate(seqs): ids[i, :len(sq) - off] = sq[off:]
@@ -721,6 +731,9 @@ def token_stats(model, # a causal LM (eval mode is enforced for the call)
                 if lg.shape[-1] != V: lg = lg[:, :V]
                 st = vocab_stats(lg, tgtt[selt], impl=impl)
                 for k in STAT_FIELDS: out[k][rows, cols] = getattr(st, k).cpu().numpy()
+                if topk:  # the same logits: top-k of the logits, normalised by their log-sum-exp (sorted, descending)
+                    v, ix = torch.topk(lg.float(), topk, dim=-1, sorted=True)
+                    tk_lp[rows, cols] = (v - torch.logsumexp(lg.float(), -1, keepdim=True)).cpu().numpy(); tk_id[rows, cols] = ix.cpu().numpy()
                 if hidden:
                     h = res.hidden_states[-1][selt].float().cpu().numpy()
                     if hid is None: hid = np.zeros((N, T, h.shape[-1]), np.float32)
@@ -743,9 +756,9 @@ def token_stats(model, # a causal LM (eval mode is enforced for the call)
             raise InputError(f"{_model_name(model)} produced non-finite {k} (NaN/inf in its logits); check the model weights and dtype")
     import transformers, torch as _t
     meta = {"batch_size": batch_size, "max_length": W, "stride": stride, "padding_side": padding_side, "add_bos": add_bos,
-            "impl": impl, "vocab_size": V, "output_vocab_sizes": Vm, "truncate_vocab": truncate_vocab, "vocab_hash": vocab_hash(tokenizer), "dtype": str(next(model.parameters()).dtype),
+            "impl": impl, "topk": int(topk), "vocab_size": V, "output_vocab_sizes": Vm, "truncate_vocab": truncate_vocab, "vocab_hash": vocab_hash(tokenizer), "dtype": str(next(model.parameters()).dtype),
             "device": str(dev), "version": TOKENSTATS_VERSION, "torch": _t.__version__, "transformers": transformers.__version__}
-    return TokenStats(ids=ids, mask=mask, **out, hidden=hid, text_hashes=[text_hash(t) for t in texts],
+    return TokenStats(ids=ids, mask=mask, **out, hidden=hid, topk_logp=tk_lp, topk_ids=tk_id, text_hashes=[text_hash(t) for t in texts],
                       model_name=_model_name(model), other_name=_model_name(omodel) if omodel is not None else None, meta=meta)
 
 # %% ../nbs/20_lm.ipynb #0b7dac81
