@@ -6,12 +6,12 @@ corpus at a declared vocabulary size and pre-tokenization, deterministic and cac
 
 # %% auto #0
 __all__ = ['ALGORITHMS', 'PRE_TOKENIZERS', 'TOKLAB_SPECIALS', 'UNK', 'TOKLAB_VERSION', 'MAX_SUPERBPE_VOCAB', 'WHITESPACE_RE',
-           'CORPORA', 'SUPERWORD_RE', 'TokRecipe', 'pre_tokenizer', 'take_bytes', 'n_bytes', 'stdlib_sources',
-           'lab_corpus', 'corpus_digest', 'toklab_dir', 'recipe_key', 'symbol', 'symbol_id', 'bpe_parts', 'stage2_kind',
-           'train_tokenizer', 'recipe_info', 'load_trained', 'as_hf_tokenizer', 'count_tokens', 'bytes_per_token',
-           'token_text', 'superword_tokens']
+           'CORPORA', 'UNIGRAM_DIGITS', 'SUPERWORD_RE', 'TokRecipe', 'pre_tokenizer', 'take_bytes', 'n_bytes',
+           'stdlib_sources', 'lab_corpus', 'corpus_digest', 'toklab_dir', 'recipe_key', 'canonical_unigram', 'symbol',
+           'symbol_id', 'bpe_parts', 'stage2_kind', 'train_tokenizer', 'recipe_info', 'load_trained', 'as_hf_tokenizer',
+           'count_tokens', 'bytes_per_token', 'token_text', 'superword_tokens']
 
-# %% ../../nbs/15_toklab.train.ipynb #2a3c9538
+# %% ../../nbs/15_toklab.train.ipynb #dd4f244b
 import hashlib, json, random, re, sys, sysconfig, time
 from dataclasses import dataclass, asdict
 from functools import lru_cache
@@ -21,7 +21,7 @@ from typing import Sequence
 from ..core import ConfigError, InputError, stable_hash, write_json, read_json, load_settings, default_profile
 from ..lm import SPECIALS, split_records, _atomic_dir
 
-# %% ../../nbs/15_toklab.train.ipynb #e7d23327
+# %% ../../nbs/15_toklab.train.ipynb #85491023
 ALGORITHMS = ("bpe", "unigram", "wordpiece", "superbpe")
 PRE_TOKENIZERS = ("gpt2", "whitespace", "none", "digits")
 TOKLAB_SPECIALS = SPECIALS  # the reference LMs' special tokens: bos, eos, pad (ids 0, 1, 2 in every trained tokenizer)
@@ -65,7 +65,7 @@ class TokRecipe:
         t = f"-t{self.transition}" if self.transition is not None else ""
         return f"{self.algorithm}-{self.vocab_size}{t}-{self.pre_tokenizer}"
 
-# %% ../../nbs/15_toklab.train.ipynb #563c4140
+# %% ../../nbs/15_toklab.train.ipynb #99a4424f
 WHITESPACE_RE = r" ?\S+|\s+(?!\S)|\s+"  # one chunk per word, the space before it attached (GPT-2's convention)
 
 def pre_tokenizer(kind:str, # one of PRE_TOKENIZERS, or "stage2" / "stage2-digits" (SuperBPE's second stage)
@@ -81,7 +81,7 @@ def pre_tokenizer(kind:str, # one of PRE_TOKENIZERS, or "stage2" / "stage2-digit
     if kind == "stage2-digits": return P.Sequence([P.Digits(individual_digits=True), bl(False)])
     raise ConfigError(f"unknown pre_tokenizer {kind!r}; expected one of {PRE_TOKENIZERS}")
 
-# %% ../../nbs/15_toklab.train.ipynb #800de1fe
+# %% ../../nbs/15_toklab.train.ipynb #3ff37377
 CORPORA = ("udhr:<code>", "fortunes:<lang>", "gcide", "wordnet", "python-stdlib")
 
 def take_bytes(texts:Sequence[str], # records in order
@@ -139,7 +139,7 @@ def lab_corpus(name:str, # "udhr:<code>", "fortunes:<lang>" ("fortunes:en" = Eng
     tr, ho = _split(name)
     return take_bytes(tr if split == "train" else ho, max_bytes)
 
-# %% ../../nbs/15_toklab.train.ipynb #89224492
+# %% ../../nbs/15_toklab.train.ipynb #66f7e9ab
 def corpus_digest(texts:Sequence[str])->str:
     "sha256 of `texts` (record order and text, NUL-separated)."
     h = hashlib.sha256()
@@ -161,6 +161,42 @@ def _ordered(texts:Sequence[str], seed:int)->list[str]:
     out = list(texts); random.Random(seed).shuffle(out)
     return out
 
+UNIGRAM_DIGITS = 9  # Unigram scores are rounded to this many decimals (see `canonical_unigram`)
+
+def canonical_unigram(tok, digits:int=UNIGRAM_DIGITS):
+    "`tok` (a Unigram `tokenizers.Tokenizer`) in a run-independent form: scores rounded, ties and the fallback tail in text order."
+    from tokenizers import Tokenizer
+    d = json.loads(tok.to_str())
+    v = [[p, round(float(s), digits)] for p, s in d["model"]["vocab"]]
+    n_sp = sum(p in TOKLAB_SPECIALS for p, _ in v[:len(TOKLAB_SPECIALS)])
+    k = len(v) - 1  # HF appends required characters the model dropped with scores min - i*1e-4, in hash-map order
+    while k - 1 > n_sp and len(v[k - 1][0]) == 1 and min(abs(v[k - 1][1] - v[k][1] - g) for g in (0, 1e-4)) < 1e-7: k -= 1
+    tail = v[k:] if len(v) - k > 1 else []
+    head = sorted(v[n_sp:len(v) - len(tail)], key=lambda x: (-x[1], x[0]))
+    tail = [[c, s] for c, (_, s) in zip(sorted(p for p, _ in tail), tail)]
+    d["model"]["vocab"] = v[:n_sp] + head + tail
+    return Tokenizer.from_str(json.dumps(d, ensure_ascii=False))
+
+def _wordpiece(texts:Sequence[str], recipe:TokRecipe):
+    "WordPiece the way HF's WordPieceTrainer builds it (BPE over words whose non-initial characters are marked), with a deterministic alphabet."
+    from tokenizers import Tokenizer, models, trainers, decoders, pre_tokenizers as P, Regex
+    alphabet = sorted(P.ByteLevel.alphabet())
+    cont = {c: symbol(i) for i, c in enumerate(alphabet)}  # a character inside a word -> its continuation symbol
+    back = {v: c for c, v in cont.items()}
+    pre = pre_tokenizer(recipe.pre_tokenizer)
+    words = (w[0] + "".join(cont[c] for c in w[1:]) for t in _ordered(texts, recipe.seed) for w, _ in pre.pre_tokenize_str(t))
+    bpe = Tokenizer(models.BPE())
+    tr = trainers.BpeTrainer(vocab_size=recipe.vocab_size, min_frequency=recipe.min_frequency, special_tokens=list(TOKLAB_SPECIALS) + [UNK],
+                             initial_alphabet=alphabet, show_progress=False)
+    bpe.train_from_iterator(words, trainer=tr)
+    unmark = lambda t: ("##" if t[0] in back else "") + "".join(back.get(c, c) for c in t)
+    vocab = {t if t in TOKLAB_SPECIALS or t == UNK else unmark(t): i for t, i in bpe.get_vocab().items()}
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token=UNK, continuing_subword_prefix="##", max_input_chars_per_word=1 << 30))
+    tok.pre_tokenizer = pre
+    tok.decoder = decoders.Sequence([decoders.Replace(Regex("^##"), ""), decoders.ByteLevel()])
+    tok.add_special_tokens(list(TOKLAB_SPECIALS) + [UNK])
+    return tok
+
 def _hf_train(texts:Sequence[str], recipe:TokRecipe):
     "Train a plain BPE / Unigram / WordPiece `tokenizers.Tokenizer` on `texts` (in the recipe's seeded order)."
     from tokenizers import Tokenizer, models, trainers, decoders, pre_tokenizers as P, Regex
@@ -175,18 +211,14 @@ def _hf_train(texts:Sequence[str], recipe:TokRecipe):
         tok = Tokenizer(models.Unigram())
         tr = trainers.UnigramTrainer(vocab_size=recipe.vocab_size, special_tokens=sp, initial_alphabet=alphabet, show_progress=False)
         tok.decoder = decoders.ByteLevel()
-    elif a == "wordpiece":
-        tok = Tokenizer(models.WordPiece(unk_token=UNK, continuing_subword_prefix="##", max_input_chars_per_word=1 << 30))
-        tr = trainers.WordPieceTrainer(vocab_size=recipe.vocab_size, min_frequency=recipe.min_frequency, special_tokens=sp + [UNK],
-                                       initial_alphabet=alphabet, continuing_subword_prefix="##", show_progress=False)
-        tok.decoder = decoders.Sequence([decoders.Replace(Regex("^##"), ""), decoders.ByteLevel()])
+    elif a == "wordpiece": return _wordpiece(texts, recipe)
     else: raise ConfigError(f"_hf_train: {a!r} is not a plain HF algorithm")
     tok.pre_tokenizer = pre_tokenizer(recipe.pre_tokenizer)
     ordered = _ordered(texts, recipe.seed)
     tok.train_from_iterator(ordered, trainer=tr, length=len(ordered))
-    return tok
+    return canonical_unigram(tok) if a == "unigram" else tok
 
-# %% ../../nbs/15_toklab.train.ipynb #88690b9e
+# %% ../../nbs/15_toklab.train.ipynb #57dd40e4
 _PUA = ((0xF0000, 65534), (0x100000, 65534))  # supplementary private-use planes A and B
 
 def symbol(i:int)->str:
@@ -243,7 +275,7 @@ def _superbpe(texts:Sequence[str], recipe:TokRecipe, cache_dir)->tuple:
     return tok, {"stage1": s1_path.name, "stage1_merges": len(merges), "stage2_merges": len(merges2),
                  "stage2_chunks": len(uniq)}
 
-# %% ../../nbs/15_toklab.train.ipynb #adb9f2cf
+# %% ../../nbs/15_toklab.train.ipynb #c057b573
 def train_tokenizer(texts_or_corpus:Sequence[str]|str, # training texts, or a `lab_corpus` name (its train split)
                     recipe:TokRecipe, # what to train
                     cache_dir:str|Path|None=None, # default: settings.ini cache_dir (tokenizers go to <cache_dir>/toklab)
@@ -294,7 +326,7 @@ def as_hf_tokenizer(path:str|Path, # a trained folder (or its tokenizer.json)
     return PreTrainedTokenizerFast(tokenizer_file=str(f), bos_token=TOKLAB_SPECIALS[0], eos_token=TOKLAB_SPECIALS[1],
                                    pad_token=TOKLAB_SPECIALS[2], unk_token=unk, clean_up_tokenization_spaces=False)
 
-# %% ../../nbs/15_toklab.train.ipynb #5ae90d7d
+# %% ../../nbs/15_toklab.train.ipynb #cf88f23e
 def count_tokens(tok, # a trained folder, tokenizer.json, or `tokenizers.Tokenizer`
                  texts:Sequence[str], # texts to encode (no special tokens added)
                 )->int:
