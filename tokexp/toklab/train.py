@@ -11,7 +11,7 @@ __all__ = ['ALGORITHMS', 'PRE_TOKENIZERS', 'TOKLAB_SPECIALS', 'UNK', 'TOKLAB_VER
            'symbol_id', 'bpe_parts', 'stage2_kind', 'train_tokenizer', 'recipe_info', 'load_trained', 'as_hf_tokenizer',
            'count_tokens', 'bytes_per_token', 'token_text', 'superword_tokens']
 
-# %% ../../nbs/15_toklab.train.ipynb #dd4f244b
+# %% ../../nbs/15_toklab.train.ipynb #14b6fec7
 import hashlib, json, random, re, sys, sysconfig, time
 from dataclasses import dataclass, asdict
 from functools import lru_cache
@@ -21,7 +21,7 @@ from typing import Sequence
 from ..core import ConfigError, InputError, stable_hash, write_json, read_json, load_settings, default_profile
 from ..lm import SPECIALS, split_records, _atomic_dir
 
-# %% ../../nbs/15_toklab.train.ipynb #85491023
+# %% ../../nbs/15_toklab.train.ipynb #852e8f28
 ALGORITHMS = ("bpe", "unigram", "wordpiece", "superbpe")
 PRE_TOKENIZERS = ("gpt2", "whitespace", "none", "digits")
 TOKLAB_SPECIALS = SPECIALS  # the reference LMs' special tokens: bos, eos, pad (ids 0, 1, 2 in every trained tokenizer)
@@ -65,7 +65,7 @@ class TokRecipe:
         t = f"-t{self.transition}" if self.transition is not None else ""
         return f"{self.algorithm}-{self.vocab_size}{t}-{self.pre_tokenizer}"
 
-# %% ../../nbs/15_toklab.train.ipynb #99a4424f
+# %% ../../nbs/15_toklab.train.ipynb #b5275c75
 WHITESPACE_RE = r" ?\S+|\s+(?!\S)|\s+"  # one chunk per word, the space before it attached (GPT-2's convention)
 
 def pre_tokenizer(kind:str, # one of PRE_TOKENIZERS, or "stage2" / "stage2-digits" (SuperBPE's second stage)
@@ -81,7 +81,7 @@ def pre_tokenizer(kind:str, # one of PRE_TOKENIZERS, or "stage2" / "stage2-digit
     if kind == "stage2-digits": return P.Sequence([P.Digits(individual_digits=True), bl(False)])
     raise ConfigError(f"unknown pre_tokenizer {kind!r}; expected one of {PRE_TOKENIZERS}")
 
-# %% ../../nbs/15_toklab.train.ipynb #3ff37377
+# %% ../../nbs/15_toklab.train.ipynb #ff88d375
 CORPORA = ("udhr:<code>", "fortunes:<lang>", "gcide", "wordnet", "python-stdlib")
 
 def take_bytes(texts:Sequence[str], # records in order
@@ -98,7 +98,8 @@ def take_bytes(texts:Sequence[str], # records in order
         left -= len(b)
     return out
 
-def n_bytes(texts:Sequence[str])->int:
+def n_bytes(texts:Sequence[str], # texts
+           )->int:
     "Total UTF-8 bytes of `texts`."
     return sum(len(t.encode("utf-8")) for t in texts)
 
@@ -139,8 +140,9 @@ def lab_corpus(name:str, # "udhr:<code>", "fortunes:<lang>" ("fortunes:en" = Eng
     tr, ho = _split(name)
     return take_bytes(tr if split == "train" else ho, max_bytes)
 
-# %% ../../nbs/15_toklab.train.ipynb #66f7e9ab
-def corpus_digest(texts:Sequence[str])->str:
+# %% ../../nbs/15_toklab.train.ipynb #fa7e146d
+def corpus_digest(texts:Sequence[str], # training texts in order
+                 )->str:
     "sha256 of `texts` (record order and text, NUL-separated)."
     h = hashlib.sha256()
     for t in texts: h.update(t.encode("utf-8")); h.update(b"\x00")
@@ -151,7 +153,9 @@ def toklab_dir(cache_dir:str|Path|None=None)->Path:
     base = Path(cache_dir) if cache_dir else load_settings().path_for("cache_dir", default_profile())
     return base / "toklab"
 
-def recipe_key(recipe:TokRecipe, csha:str)->str:
+def recipe_key(recipe:TokRecipe, # what is trained
+               csha:str, # `corpus_digest` of the training texts
+              )->str:
     "Cache key of `recipe` trained on the texts with digest `csha` (also covers the `tokenizers` version)."
     import tokenizers
     return stable_hash({"corpus": csha, "recipe": asdict(recipe), "specials": TOKLAB_SPECIALS,
@@ -163,7 +167,9 @@ def _ordered(texts:Sequence[str], seed:int)->list[str]:
 
 UNIGRAM_DIGITS = 9  # Unigram scores are rounded to this many decimals (see `canonical_unigram`)
 
-def canonical_unigram(tok, digits:int=UNIGRAM_DIGITS):
+def canonical_unigram(tok, # a trained Unigram `tokenizers.Tokenizer`
+                      digits:int=UNIGRAM_DIGITS, # decimals kept of each piece's log-probability
+                     ):
     "`tok` (a Unigram `tokenizers.Tokenizer`) in a run-independent form: scores rounded, ties and the fallback tail in text order."
     from tokenizers import Tokenizer
     d = json.loads(tok.to_str())
@@ -218,27 +224,31 @@ def _hf_train(texts:Sequence[str], recipe:TokRecipe):
     tok.train_from_iterator(ordered, trainer=tr, length=len(ordered))
     return canonical_unigram(tok) if a == "unigram" else tok
 
-# %% ../../nbs/15_toklab.train.ipynb #57dd40e4
+# %% ../../nbs/15_toklab.train.ipynb #726d41c6
 _PUA = ((0xF0000, 65534), (0x100000, 65534))  # supplementary private-use planes A and B
 
-def symbol(i:int)->str:
+def symbol(i:int, # a stage-1 token id
+          )->str:
     "The private-use character standing for stage-1 token id `i` in SuperBPE's stage-2 training text."
     if i < _PUA[0][1]: return chr(_PUA[0][0] + i)
     if i < _PUA[0][1] + _PUA[1][1]: return chr(_PUA[1][0] + i - _PUA[0][1])
     raise ConfigError(f"token id {i} has no stage-2 symbol (at most {MAX_SUPERBPE_VOCAB})")
 
-def symbol_id(c:str)->int:
+def symbol_id(c:str, # a character made by `symbol`
+             )->int:
     "Inverse of `symbol`."
     o = ord(c)
     return o - _PUA[0][0] if o < _PUA[1][0] else o - _PUA[1][0] + _PUA[0][1]
 
-def bpe_parts(tok)->tuple[dict[str, int], list[tuple[str, str]]]:
+def bpe_parts(tok, # a `tokenizers.Tokenizer` with a BPE model
+             )->tuple[dict[str, int], list[tuple[str, str]]]:
     "(vocab, merges) of a `tokenizers.Tokenizer` with a BPE model, merges in rank order."
     m = json.loads(tok.to_str())["model"]
     merges = [tuple(x) if isinstance(x, list) else tuple(x.split(" ", 1)) for x in m["merges"]]
     return dict(m["vocab"]), merges
 
-def stage2_kind(pre:str)->str:
+def stage2_kind(pre:str, # the recipe's (stage-1) pre-tokenizer
+               )->str:
     "SuperBPE's stage-2 pre-tokenizer for a stage-1 pre-tokenizer: only the digit rule survives."
     return "stage2-digits" if pre == "digits" else "stage2"
 
@@ -275,7 +285,7 @@ def _superbpe(texts:Sequence[str], recipe:TokRecipe, cache_dir)->tuple:
     return tok, {"stage1": s1_path.name, "stage1_merges": len(merges), "stage2_merges": len(merges2),
                  "stage2_chunks": len(uniq)}
 
-# %% ../../nbs/15_toklab.train.ipynb #c057b573
+# %% ../../nbs/15_toklab.train.ipynb #b565f527
 def train_tokenizer(texts_or_corpus:Sequence[str]|str, # training texts, or a `lab_corpus` name (its train split)
                     recipe:TokRecipe, # what to train
                     cache_dir:str|Path|None=None, # default: settings.ini cache_dir (tokenizers go to <cache_dir>/toklab)
@@ -305,11 +315,13 @@ def train_tokenizer(texts_or_corpus:Sequence[str]|str, # training texts, or a `l
         write_json(tmp / "recipe.json", meta)
     return path
 
-def recipe_info(path:str|Path)->dict:
+def recipe_info(path:str|Path, # a trained tokenizer folder
+               )->dict:
     "The recipe.json of a trained tokenizer folder."
     return read_json(Path(path) / "recipe.json")
 
-def load_trained(path:str|Path):
+def load_trained(path:str|Path, # a trained folder or its tokenizer.json
+                ):
     "The `tokenizers.Tokenizer` of a trained folder (or tokenizer.json)."
     from tokenizers import Tokenizer
     p = Path(path)
@@ -326,7 +338,7 @@ def as_hf_tokenizer(path:str|Path, # a trained folder (or its tokenizer.json)
     return PreTrainedTokenizerFast(tokenizer_file=str(f), bos_token=TOKLAB_SPECIALS[0], eos_token=TOKLAB_SPECIALS[1],
                                    pad_token=TOKLAB_SPECIALS[2], unk_token=unk, clean_up_tokenization_spaces=False)
 
-# %% ../../nbs/15_toklab.train.ipynb #cf88f23e
+# %% ../../nbs/15_toklab.train.ipynb #263a1bd7
 def count_tokens(tok, # a trained folder, tokenizer.json, or `tokenizers.Tokenizer`
                  texts:Sequence[str], # texts to encode (no special tokens added)
                 )->int:
@@ -334,13 +346,17 @@ def count_tokens(tok, # a trained folder, tokenizer.json, or `tokenizers.Tokeniz
     t = tok if hasattr(tok, "encode_batch") else load_trained(tok)
     return sum(len(e.ids) for e in t.encode_batch(list(texts), add_special_tokens=False))
 
-def bytes_per_token(tok, texts:Sequence[str])->float:
+def bytes_per_token(tok, # a trained folder, tokenizer.json, or `tokenizers.Tokenizer`
+                    texts:Sequence[str], # texts to encode
+                   )->float:
     "UTF-8 bytes of `texts` divided by their number of tokens under `tok` (higher = better compression)."
     n = count_tokens(tok, texts)
     if n == 0: raise InputError("bytes_per_token: the texts encode to no tokens")
     return n_bytes(texts) / n
 
-def token_text(tok, i:int)->str:
+def token_text(tok, # a trained folder or `tokenizers.Tokenizer`
+               i:int, # token id
+              )->str:
     "The text a token id stands for (byte-level pieces decoded; WordPiece's ## prefix dropped)."
     from tokexp.tokenizers import bytelevel_piece_bytes
     t = tok if hasattr(tok, "id_to_token") else load_trained(tok)
