@@ -151,8 +151,20 @@ def vocab_stats_torch(logits:torch.Tensor, # [..., V] logits, any float dtype
     return VocabStats(*(o.reshape(lead) for o in outs))
 
 def _rows_and_finite(x, t, dtype):
-    "`_torch_rows` plus, fused into the same loops, whether each row holds a non-finite logit."
-    return (*_torch_rows(x, t, dtype), ~torch.isfinite(x).all(-1))
+    "The statistics of `_torch_rows` in two fused passes for `torch.compile`, plus whether each row holds a non-finite logit."
+    x = x.to(dtype)
+    xt = x.gather(-1, t[:, None])
+    mx = x.amax(-1, keepdim=True)  # pass 1: max, rank and finiteness read the block once
+    rank = (x > xt).sum(-1) + 1
+    bad = ~torch.isfinite(x).all(-1)
+    d = x - mx  # pass 2: every exp-weighted sum reads it once more (d <= 0: no overflow)
+    e = d.exp()
+    s0, s1, s2 = e.sum(-1), (e * d).sum(-1), (e * d * d).sum(-1)
+    g = torch.where(x >= xt, e, 0.0).sum(-1)
+    c = s0.log()
+    mu = s1 / s0  # E_p[x - max]
+    lse = mx[:, 0] + c
+    return lse, xt[:, 0] - lse, rank, c - mu, -c, (g / s0).clamp(max=1.0), mu - c, (s2 / s0 - mu * mu).clamp(min=0.0), bad
 
 _COMPILED = {}
 def _compiled_rows():
