@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['FINETUNE_VERSION', 'texts_sha', 'finetune_dir', 'finetune_key', 'finetune_lm']
 
-# %% ../nbs/24_finetune.ipynb #a5cea6c2
-import hashlib, math, time
+# %% ../nbs/24_finetune.ipynb #1e7354ee
+import hashlib, math, os, time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Sequence
@@ -15,7 +15,7 @@ from .core import ConfigError, InputError, load_settings, default_profile, stabl
 from .lm import (LMS, load_lm, train_lm, model_identity, model_context, pack_documents, lr_at, _deterministic, _atomic_dir,
                        _mean_nll, _quiet_transformers)
 
-# %% ../nbs/24_finetune.ipynb #547bcaad
+# %% ../nbs/24_finetune.ipynb #664b5a82
 FINETUNE_VERSION = 1  # bump when the training recipe changes (changes every cache key)
 
 def texts_sha(texts:Sequence[str], # texts in order
@@ -37,7 +37,7 @@ def finetune_dir(cache_dir=None)->Path:
     base = Path(cache_dir) if cache_dir else load_settings().path_for("cache_dir", default_profile())
     return base / "finetune"
 
-# %% ../nbs/24_finetune.ipynb #6a6912b4
+# %% ../nbs/24_finetune.ipynb #a23ffa25
 def _base_path(base:str)->str:
     "A loadable name for `base`: a reference LM is resolved to its trained folder (trained if missing)."
     s = str(base)
@@ -53,7 +53,7 @@ def finetune_key(base:str, texts:Sequence[str], hyper:dict, heldout:Sequence[str
                         "heldout": None if heldout is None else texts_sha(heldout), "hyper": hyper, "recipe": FINETUNE_VERSION,
                         "torch": torch.__version__.split("+")[0].split(".")[:2], "transformers": transformers.__version__.split(".")[:2]})
 
-# %% ../nbs/24_finetune.ipynb #ef14ff54
+# %% ../nbs/24_finetune.ipynb #bc4c502a
 def finetune_lm(base:str|Path, # reference LM name ("ref-small"), a save_pretrained folder, or "hf:<id>"
                 texts:Sequence[str], # fine-tuning texts
                 name:str, # a short name for the result (folder prefix, train_log)
@@ -93,6 +93,7 @@ def finetune_lm(base:str|Path, # reference LM name ("ref-small"), a save_pretrai
     if len(rows) == 0: raise InputError(f"texts too small: {len(texts)} texts give no full {ctx}-token row; add texts or lower ctx")
     held = pack_documents(enc(heldout), ctx, bos, eos) if heldout else None
     dev = next(model.parameters()).device
+    if dev.type == "cuda": os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (read at its first use)
     sched = SimpleNamespace(lr=lr, warmup=warmup, steps=steps)  # what lr_at reads from an LMSpec
     with _deterministic(seed):
         before = _mean_nll(model, held.to(dev)) if held is not None and len(held) else None

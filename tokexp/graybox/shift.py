@@ -8,7 +8,7 @@ __all__ = ['SHIFT_CLASSES', 'MARGINAL_MAX', 'DISCOURSE', 'CATEGORIES', 'STYLISTI
            'by_position', 'response_categories', 'category_table', 'shifted_tokens', 'recovery', 'instruction_pair',
            'urial_prefix']
 
-# %% ../../nbs/35_graybox.shift.ipynb #3327c812
+# %% ../../nbs/35_graybox.shift.ipynb #0a560b17
 import re
 from dataclasses import dataclass, field, fields
 from typing import Sequence
@@ -19,7 +19,7 @@ import pandas as pd
 from ..core import ConfigError, InputError, stable_hash
 from ..lm import model_context, check_same_vocab
 
-# %% ../../nbs/35_graybox.shift.ipynb #b9f78812
+# %% ../../nbs/35_graybox.shift.ipynb #83c12373
 SHIFT_CLASSES = ("unshifted", "marginal", "shifted")
 MARGINAL_MAX = 3  # URIAL: base rank 1 unshifted, 2..3 marginal, > 3 shifted
 
@@ -44,7 +44,7 @@ def shift_shares(classes, # [...] classes from `classify_shift`
     if n == 0: raise InputError("no scored position to count: check the mask (or the responses are empty)")
     return {**{k: float((c[m] == i).mean()) for i, k in enumerate(SHIFT_CLASSES)}, "n": n}
 
-# %% ../../nbs/35_graybox.shift.ipynb #5906df80
+# %% ../../nbs/35_graybox.shift.ipynb #a006fcd2
 def position_stats(base_logits, # [..., V] base-model logits at the decoded positions
                    aligned_logits, # [..., V] aligned-model logits at the same positions
                    targets, # [...] the aligned model's tokens o_t
@@ -60,7 +60,7 @@ def position_stats(base_logits, # [..., V] base-model logits at the decoded posi
     return {"base_rank": b.rank, "base_logp": b.logp, "base_entropy": b.entropy, "aligned_rank": a.rank, "aligned_logp": a.logp,
             "kl": (a.mean_logp - m1).clamp_(min=0)}
 
-# %% ../../nbs/35_graybox.shift.ipynb #14c25a28
+# %% ../../nbs/35_graybox.shift.ipynb #1e8712a6
 @dataclass
 class ShiftStats:
     "Per-position TDS statistics of N responses, `[N, T]` arrays with `mask`."
@@ -107,7 +107,7 @@ def _logits_at(model, seqs, starts, lens, pad, batch_size):
                 out.append(lg[r, s - 1:s - 1 + n].float())
     return out
 
-# %% ../../nbs/35_graybox.shift.ipynb #a99b865c
+# %% ../../nbs/35_graybox.shift.ipynb #4a2b6d00
 def score_shift(base, # the base causal LM
                 aligned, # the aligned causal LM (same vocabulary)
                 contexts:Sequence[Sequence[int]], # token ids of each query as the aligned model read it (BOS included)
@@ -148,7 +148,7 @@ def score_shift(base, # the base causal LM
             "base_context_tokens": [len(c) for c in base_contexts], "context_tokens": [len(c) for c in contexts]}
     return ShiftStats(ids=ids, mask=mask, **out, meta=meta)
 
-# %% ../../nbs/35_graybox.shift.ipynb #d42527c3
+# %% ../../nbs/35_graybox.shift.ipynb #054da5cc
 def greedy_decode(model, # a causal LM
                   contexts:Sequence[Sequence[int]], # token ids of each query (BOS included)
                   max_new_tokens:int, # decoded tokens at most
@@ -177,7 +177,7 @@ def greedy_decode(model, # a causal LM
                     out[i] = new[:new.index(eos_id)] if eos_id is not None and eos_id in new else new
     return out
 
-# %% ../../nbs/35_graybox.shift.ipynb #cccfc486
+# %% ../../nbs/35_graybox.shift.ipynb #0343da67
 DISCOURSE = frozenset("""sure certainly course great question questions hope helps help helpful glad happy thanks thank
 hello hi however additionally overall firstly secondly finally furthermore moreover note please let know absolutely
 welcome apologize sorry assist assistant okay ok well indeed simply basically essentially""".split())
@@ -210,7 +210,7 @@ def categorize_pieces(pieces:Sequence[str], # decoded text of each token of one 
     cats = [cat(w) for w in words]
     return [cats[j] for j in word_of]
 
-# %% ../../nbs/35_graybox.shift.ipynb #efbb9b98
+# %% ../../nbs/35_graybox.shift.ipynb #d47c4e25
 def by_position(st:ShiftStats, # TDS statistics
                 max_pos:int|None=None, # last position to report (None: the longest response)
                 marginal_max:int=MARGINAL_MAX,
@@ -265,7 +265,7 @@ def recovery(base:float, # the base model's value (shifted share or mean KL) aga
     "Fraction of the base→aligned gap closed by the remedy: 1 − remedy / base (NaN when base is 0)."
     return float("nan") if base == 0 else float(1 - remedy / base)
 
-# %% ../../nbs/35_graybox.shift.ipynb #6cb417cd
+# %% ../../nbs/35_graybox.shift.ipynb #de30ffc0
 OPENERS = ("Sure!", "Certainly.", "Of course.", "Great question!")
 CLOSERS = ("I hope this helps!", "Let me know if you have other questions.", "Happy to help!")
 
