@@ -24,12 +24,11 @@ def ref():
     "ref-small (trained into the cache the first time, as the other tests that load reference LMs do)."
     p = train_lm("ref-small", progress=False)
     m, tok = load_lm(p, device="cpu")
-    return p, m, tok
+    return p, m, tok, copy.deepcopy(m).double().eval()
 
 
-def direct_topk(model, tok, text, k, W, stride):
-    "Per scored position: (top-k log-probs, full float64 log-prob vector) by an independent loop over the windows."
-    m64 = copy.deepcopy(model).double().eval()
+def direct_topk(m64, tok, text, W, stride):
+    "The BOS-prefixed ids and {scored position: full float64 log-prob vector}, by an independent loop over the windows."
     seq = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
     out = {}
     for s, e, f in sliding_windows(len(seq), W, stride):
@@ -41,12 +40,12 @@ def direct_topk(model, tok, text, k, W, stride):
 
 @pytest.mark.parametrize("side,bs,W,stride", [("right", 4, 128, 64), ("left", 3, 128, 64), ("right", 2, 24, 10)])
 def test_topk_equals_full_logits(ref, side, bs, W, stride):
-    _, m, tok = ref
+    _, m, tok, m64 = ref
     k = 16
     ts = token_stats(m, tok, TEXTS, topk=k, batch_size=bs, padding_side=side, max_length=W, stride=stride)
     sig = los_features(ts)
     for i, t in enumerate(TEXTS):
-        seq, lp = direct_topk(m, tok, t, k, W, stride)
+        seq, lp = direct_topk(m64, tok, t, W, stride)
         assert ts.mask[i].sum() == len(seq) - 1 == len(lp)
         for j, row in lp.items():
             np.testing.assert_allclose(ts.topk_logp[i, j], row.sort(descending=True).values[:k].numpy(), atol=2e-4)
@@ -58,7 +57,7 @@ def test_topk_equals_full_logits(ref, side, bs, W, stride):
 
 
 def test_topk_leaves_other_fields_unchanged(ref):
-    p, m, tok = ref
+    p, m, tok, _ = ref
     m2, _ = load_lm(p, device="cpu")
     kw = dict(other=(m2, tok), hidden=True, batch_size=3, max_length=32, stride=16)
     a, b = token_stats(m, tok, TEXTS, **kw), token_stats(m, tok, TEXTS, topk=5, **kw)
@@ -68,7 +67,7 @@ def test_topk_leaves_other_fields_unchanged(ref):
 
 
 def test_topk_cache(ref, tmp_path):
-    p, m, tok = ref
+    p, m, tok, _ = ref
     a = cached_token_stats(p, TEXTS, lm=(m, tok), cache_dir=tmp_path, topk=6)
     b = cached_token_stats(p, TEXTS, lm=(None, None), cache_dir=tmp_path, topk=6)  # a hit never touches the model
     np.testing.assert_array_equal(a.topk_logp, b.topk_logp); np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
