@@ -10,7 +10,7 @@ __all__ = ['VIEWS', 'PROMPT_SOURCES', 'output_embedding', 'alr', 'CompactMap', '
            'InverterNet', 'Inverter', 'train_inverter', 'exact_match', 'token_f1', 'bootstrap_mean_ci',
            'hidden_prompts', 'heldout_mask']
 
-# %% ../../nbs/36_graybox.inversion.ipynb #46ff1036
+# %% ../../nbs/36_graybox.inversion.ipynb #370c70d5
 import math, time
 from collections import Counter
 from dataclasses import dataclass, asdict, field
@@ -22,7 +22,7 @@ import torch
 
 from ..core import InputError, ConfigError, Registry, stable_hash, write_json, read_json, load_settings, default_profile, atomic_write
 
-# %% ../../nbs/36_graybox.inversion.ipynb #6e765623
+# %% ../../nbs/36_graybox.inversion.ipynb #2ae5782d
 def output_embedding(model)->tuple[np.ndarray, np.ndarray|None]:
     "The output embedding `W` [V, D] and output bias [V] (None without one) of a causal LM, as float64 arrays."
     head = model.get_output_embeddings()
@@ -33,7 +33,7 @@ def output_embedding(model)->tuple[np.ndarray, np.ndarray|None]:
     b = getattr(head, "bias", None)
     return W, (None if b is None else b.detach().double().cpu().numpy())
 
-# %% ../../nbs/36_graybox.inversion.ipynb #3a5ff131
+# %% ../../nbs/36_graybox.inversion.ipynb #4cab912e
 def alr(logprobs, # [..., V] log-probabilities (numpy array or torch tensor)
         tokens, # token ids; the first is the reference token
        ):
@@ -41,7 +41,7 @@ def alr(logprobs, # [..., V] log-probabilities (numpy array or torch tensor)
     if len(tokens) < 2: raise InputError(f"alr needs a reference token and at least one more, got {len(tokens)} token(s)")
     return logprobs[..., tokens[1:]] - logprobs[..., tokens[:1]]
 
-# %% ../../nbs/36_graybox.inversion.ipynb #ec23c910
+# %% ../../nbs/36_graybox.inversion.ipynb #2b85567e
 def _logsumexp(x:np.ndarray, axis:int=-1)->np.ndarray:
     m = x.max(axis=axis, keepdims=True)
     return m + np.log(np.exp(x - m).sum(axis=axis, keepdims=True))
@@ -85,7 +85,7 @@ def compact_map(W:np.ndarray, # [V, D] output embedding
         raise InputError(f"the {n - 1} chosen alr rows span rank {np.linalg.matrix_rank(MS)} < {rank}; pick another seed or raise n_extra")
     return CompactMap(tokens=tokens, lift=Mr @ np.linalg.pinv(MS), rank=rank)
 
-# %% ../../nbs/36_graybox.inversion.ipynb #14c9e693
+# %% ../../nbs/36_graybox.inversion.ipynb #c025cdb4
 def svd_basis(logprobs:np.ndarray, # [N, V] log-probability vectors collected from one model
               rtol:float=1e-9, # singular values below rtol·s_max count as zero
              )->tuple[np.ndarray, np.ndarray]:
@@ -96,7 +96,7 @@ def svd_basis(logprobs:np.ndarray, # [N, V] log-probability vectors collected fr
     r = int((s > rtol * s[0]).sum())
     return Vt[:r].T, s
 
-# %% ../../nbs/36_graybox.inversion.ipynb #ce5c188b
+# %% ../../nbs/36_graybox.inversion.ipynb #7b84ed60
 def topk_logprobs(logprobs, # [..., V] log-probabilities (torch tensor)
                   k:int, # how many (an API's `top_logprobs`)
                  ):
@@ -104,13 +104,13 @@ def topk_logprobs(logprobs, # [..., V] log-probabilities (torch tensor)
     v, i = logprobs.topk(k, dim=-1)
     return i, v
 
-# %% ../../nbs/36_graybox.inversion.ipynb #f616f204
+# %% ../../nbs/36_graybox.inversion.ipynb #92f4944b
 def inversion_cache_dir(cache_dir:str|Path|None=None)->Path:
     "`<cache_dir>/inversion` (default cache_dir: settings.ini's `cache_dir`)."
     base = Path(cache_dir) if cache_dir else load_settings().path_for("cache_dir", default_profile())
     return base / "inversion"
 
-# %% ../../nbs/36_graybox.inversion.ipynb #ca1c119f
+# %% ../../nbs/36_graybox.inversion.ipynb #89fe03ca
 @dataclass
 class Observations:
     "What the attacker sees for each hidden prompt: generated tokens and, per generation step, the compact and top-k views."
@@ -133,15 +133,14 @@ class Observations:
     def save(self, path:str|Path)->Path:
         "Write to an .npz file (atomically)."
         arrays = {k: getattr(self, k) for k in ("gen_ids", "compact", "topk_ids", "topk_logp")}
-        with atomic_write(path) as tmp:
-            with open(tmp, "wb") as f: np.savez(f, vocab_size=np.int64(self.vocab_size), **arrays)
+        with atomic_write(path, "wb") as f: np.savez(f, vocab_size=np.int64(self.vocab_size), **arrays)
         return Path(path)
     @classmethod
     def load(cls, path:str|Path)->"Observations":
         "Read what `save` wrote."
         with np.load(path) as z: return cls(z["gen_ids"], z["compact"], z["topk_ids"], z["topk_logp"], int(z["vocab_size"]))
 
-# %% ../../nbs/36_graybox.inversion.ipynb #bc591e68
+# %% ../../nbs/36_graybox.inversion.ipynb #e6cd39d6
 def _prompt_ids(tokenizer, prompts:Sequence[str])->list[list[int]]:
     bos = tokenizer.bos_token_id
     return [([bos] if bos is not None else []) + tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
@@ -188,7 +187,7 @@ def observe(model, # causal LM (the target)
         out["topk_ids"].append(i.cpu().numpy().astype(np.int32)); out["topk_logp"].append(v.float().cpu().numpy())
     return Observations(**{k: np.concatenate(v) for k, v in out.items()}, vocab_size=int(V))
 
-# %% ../../nbs/36_graybox.inversion.ipynb #41faef36
+# %% ../../nbs/36_graybox.inversion.ipynb #7a098462
 class View:
     "How an inverter reads observations: a fitted, deterministic map to `[B, T, in_dim]` float tensors."
     name: str = ""
@@ -229,7 +228,7 @@ class TopKView(View):
         x[..., -2], x[..., -1] = v[..., 0] / 10, v[..., -1] / 10
         return x
 
-# %% ../../nbs/36_graybox.inversion.ipynb #f4527888
+# %% ../../nbs/36_graybox.inversion.ipynb #b41d023e
 @dataclass(frozen=True)
 class InverterConfig:
     "Architecture and training budget of an inverter (one config for every view, so comparisons share the budget)."
@@ -255,7 +254,7 @@ class InverterConfig:
         if not 0 < self.val_frac < 1: raise ConfigError(f"val_frac must be in (0, 1), got {self.val_frac}")
         if min(self.max_epochs, self.patience, self.batch_size, self.max_len) < 1: raise ConfigError("max_epochs, patience, batch_size and max_len must be >= 1")
 
-# %% ../../nbs/36_graybox.inversion.ipynb #623e0946
+# %% ../../nbs/36_graybox.inversion.ipynb #ece9d925
 class InverterNet(torch.nn.Module):
     "Encoder-decoder inverter: PILS's input MLP per observed step, a transformer encoder, and a prompt decoder."
     def __init__(self, in_dim:int, vocab_size:int, cfg:InverterConfig):
@@ -263,28 +262,32 @@ class InverterNet(torch.nn.Module):
         nn, d = torch.nn, cfg.d_model
         self.cfg, self.start, self.end = cfg, vocab_size, vocab_size + 1  # two decoder-only specials after the LM's vocabulary
         self.inp = nn.Sequential(nn.Linear(in_dim, cfg.bottleneck), nn.Dropout(cfg.dropout), nn.GELU(), nn.Linear(cfg.bottleneck, d))
-        self.enc_pos, self.dec_pos = nn.Embedding(cfg.max_positions, d), nn.Embedding(cfg.max_len + 2, d)
+        self.dec_pos = nn.Embedding(cfg.max_len + 2, d)
+        pos, i = torch.arange(cfg.max_positions)[:, None], torch.arange(0, d, 2)
+        pe = torch.zeros(cfg.max_positions, d); ang = pos / 10000 ** (i / d)
+        pe[:, 0::2], pe[:, 1::2] = torch.sin(ang), torch.cos(ang[:, :d // 2])
+        self.register_buffer("enc_pos", pe, persistent=False)  # fixed sinusoids: steps beyond training stay meaningful
         self.tok = nn.Embedding(vocab_size + 2, d)
         layer = dict(d_model=d, nhead=cfg.n_heads, dim_feedforward=cfg.d_ff, dropout=cfg.dropout, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(**layer), cfg.n_layers, norm=nn.LayerNorm(d), enable_nested_tensor=False)
         self.decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(**layer), cfg.n_layers, norm=nn.LayerNorm(d))
-        for e in (self.tok, self.enc_pos, self.dec_pos): nn.init.normal_(e.weight, std=0.02)
+        for e in (self.tok, self.dec_pos): nn.init.normal_(e.weight, std=0.02)
 
     def encode(self, x):
         if x.shape[1] > self.cfg.max_positions: raise InputError(f"{x.shape[1]} observed steps > max_positions={self.cfg.max_positions}")
-        h = self.inp(x) + self.enc_pos.weight[:x.shape[1]]
+        h = self.inp(x) + self.enc_pos[:x.shape[1]]
         return self.encoder(h)
 
     def decode(self, mem, y_in, pad_mask=None):
         T = y_in.shape[1]
         h = self.tok(y_in) + self.dec_pos.weight[:T]
-        causal = torch.ones(T, T, dtype=torch.bool).triu(1)
+        causal = torch.ones(T, T, dtype=torch.bool, device=h.device).triu(1)
         h = self.decoder(h, mem, tgt_mask=causal, tgt_is_causal=True, tgt_key_padding_mask=pad_mask)
         return h @ self.tok.weight.T  # tied output embedding
 
     def forward(self, x, y_in, pad_mask=None): return self.decode(self.encode(x), y_in, pad_mask)
 
-# %% ../../nbs/36_graybox.inversion.ipynb #f698b6df
+# %% ../../nbs/36_graybox.inversion.ipynb #26a86970
 def _teacher_forcing(targets:Sequence[Sequence[int]], start:int, end:int, max_len:int):
     "Decoder inputs [N, L+1] (START + prompt), outputs (prompt + END, -100 = ignore) and padding masks."
     L = max(map(len, targets)) + 1
@@ -315,12 +318,13 @@ class Inverter:
                )->list[list[int]]:
         "Greedy decoding of each prompt's token ids."
         T, net = n_positions or self.n_positions, self.net
+        dev = next(net.parameters()).device
         if T > obs.n_steps: raise InputError(f"{T} positions requested but the observations have {obs.n_steps} steps")
         net.eval(); res = []
         with torch.no_grad():
             for s in range(0, len(obs), batch_size):
-                mem = net.encode(self.view.inputs(obs, np.arange(s, min(s + batch_size, len(obs))), T))
-                y = torch.full((mem.shape[0], 1), net.start, dtype=torch.long); done = torch.zeros(mem.shape[0], dtype=torch.bool)
+                mem = net.encode(self.view.inputs(obs, np.arange(s, min(s + batch_size, len(obs))), T).to(dev))
+                y = torch.full((mem.shape[0], 1), net.start, dtype=torch.long, device=dev); done = torch.zeros(mem.shape[0], dtype=torch.bool, device=dev)
                 for _ in range(net.cfg.max_len + 1):
                     lg = net.decode(mem, y)[:, -1]; lg[:, net.start] = -float("inf")
                     nxt = lg.argmax(-1); y = torch.cat([y, nxt[:, None]], 1); done |= nxt == net.end
@@ -328,7 +332,7 @@ class Inverter:
                 for row in y[:, 1:].tolist(): res.append(row[:row.index(net.end)] if net.end in row else row)
         return res
 
-# %% ../../nbs/36_graybox.inversion.ipynb #960f0374
+# %% ../../nbs/36_graybox.inversion.ipynb #ec9d1178
 def train_inverter(obs:Observations, # training observations (one per prompt)
                    targets:Sequence[Sequence[int]], # each prompt's token ids (no BOS)
                    view:str="compact", # a VIEWS name: "compact" (PILS) or "topk" (baseline)
@@ -337,6 +341,7 @@ def train_inverter(obs:Observations, # training observations (one per prompt)
                    cache:bool=True, # reuse / store the trained inverter under <cache_dir>/inversion
                    cache_dir:str|Path|None=None, # default: settings.ini's cache_dir
                    progress:bool=False, # tqdm bar over epochs
+                   device=None, # torch device for training (None: cpu; results match across devices only approximately)
                   )->Inverter:
     "Train (or load from the cache) an inverter with early stopping on a held-out slice of the training prompts."
     from tqdm.auto import tqdm
@@ -345,7 +350,7 @@ def train_inverter(obs:Observations, # training observations (one per prompt)
     if not 1 <= n_positions <= min(obs.n_steps, cfg.max_positions):
         raise InputError(f"n_positions={n_positions} must be in 1..{min(obs.n_steps, cfg.max_positions)} (observed steps, max_positions)")
     if len(obs) < 4: raise InputError(f"{len(obs)} training prompts are too few (need >= 4: some go to the early-stopping split)")
-    V, T, vw = obs.vocab_size, n_positions, VIEWS[view]()
+    V, T, vw, dev = obs.vocab_size, n_positions, VIEWS[view](), torch.device(device or "cpu")
     sl = obs.first(T)
     key = stable_hash({"cfg": asdict(cfg), "view": view, "T": T, "V": V, "targets": [list(map(int, t)) for t in targets],
                        "obs": _digest(sl.compact, sl.topk_ids, sl.topk_logp), "torch": torch.__version__.split("+")[0]}, 16)
@@ -353,7 +358,7 @@ def train_inverter(obs:Observations, # training observations (one per prompt)
     net_args = dict(in_dim=vw.in_dim(sl), vocab_size=V, cfg=cfg)
     if cache and (folder / "log.json").exists():
         net = InverterNet(**net_args); net.load_state_dict(torch.load(folder / "net.pt", weights_only=True))
-        return Inverter(vw.load_state(read_json(folder / "view.json")), net.eval(), T, read_json(folder / "log.json"))
+        return Inverter(vw.load_state(read_json(folder / "view.json")), net.to(dev).eval(), T, read_json(folder / "log.json"))
     t0 = time.perf_counter()
     rng = np.random.default_rng(cfg.seed)
     perm = rng.permutation(len(obs)); n_val = max(1, int(round(cfg.val_frac * len(obs))))
@@ -362,13 +367,13 @@ def train_inverter(obs:Observations, # training observations (one per prompt)
     y_in, y_out, pad = _teacher_forcing(targets, V, V + 1, cfg.max_len)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        net = InverterNet(**net_args)
+        net = InverterNet(**net_args).to(dev)
         opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup))
         def loss_of(b):
             L = int((~pad[b]).sum(1).max())  # trim padding columns
-            lg = net(vw.inputs(sl, b, T), y_in[b, :L], pad[b, :L])
-            return torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), y_out[b, :L].reshape(-1), ignore_index=-100)
+            lg = net(vw.inputs(sl, b, T).to(dev), y_in[b, :L].to(dev), pad[b, :L].to(dev))
+            return torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), y_out[b, :L].reshape(-1).to(dev), ignore_index=-100)
         best, best_state, bad, hist = float("inf"), None, 0, {"train_loss": [], "val_loss": []}
         for ep in tqdm(range(cfg.max_epochs), disable=not progress, desc=f"inverter {view} T={T}"):
             net.train(); order = tr[rng.permutation(len(tr))]; tot = 0.0
@@ -389,10 +394,10 @@ def train_inverter(obs:Observations, # training observations (one per prompt)
                n_params=sum(p.numel() for p in net.parameters()), train_s=time.perf_counter() - t0, **hist)
     if cache:
         with _atomic_dir(folder) as tmp:
-            torch.save(net.state_dict(), tmp / "net.pt"); write_json(tmp / "view.json", vw.state()); write_json(tmp / "log.json", log)
+            torch.save({k: v.cpu() for k, v in net.state_dict().items()}, tmp / "net.pt"); write_json(tmp / "view.json", vw.state()); write_json(tmp / "log.json", log)
     return Inverter(vw, net, T, log)
 
-# %% ../../nbs/36_graybox.inversion.ipynb #57194f06
+# %% ../../nbs/36_graybox.inversion.ipynb #5f74a593
 def _words(s:str)->list[str]: return s.split()
 
 def exact_match(preds:Sequence[str], # recovered prompts
@@ -427,7 +432,7 @@ def bootstrap_mean_ci(values:np.ndarray, # per-prompt scores
     a = (1 - level) / 2
     return float(np.quantile(m, a)), float(np.quantile(m, 1 - a))
 
-# %% ../../nbs/36_graybox.inversion.ipynb #6be001a2
+# %% ../../nbs/36_graybox.inversion.ipynb #917c8ece
 PROMPT_SOURCES = ("wordnet", "fortunes")
 
 def hidden_prompts(source:str, # "wordnet" (a headword and a colon: "lemma:") or "fortunes" (a fortune's first words)
