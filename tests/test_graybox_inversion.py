@@ -8,6 +8,14 @@ from conftest import reads_as_report, tiny_lm
 from tokexp.graybox import inversion as INV
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    "Small CPU models train many times faster with one thread on a shared, oversubscribed machine; restored afterwards."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def ref_small64():
     from tokexp.lm import load_lm, train_lm
@@ -17,25 +25,26 @@ def ref_small64():
 
 
 def _logprobs(model, tok, texts):
-    "Float64 log-prob vectors at every position of `texts` (BOS first), stacked [N, V]."
+    "Float64 log-prob vectors at every position of `texts` (BOS first, at most 100 tokens), stacked [N, V]."
     rows = []
     with torch.no_grad():
         for t in texts:
-            ids = torch.tensor([[tok.bos_token_id] + tok(t, add_special_tokens=False).input_ids])
+            ids = torch.tensor([[tok.bos_token_id] + tok(t, add_special_tokens=False).input_ids[:99]])
             rows.append(torch.log_softmax(model(ids).logits[0], -1).numpy())
     return np.concatenate(rows)
 
 
-TEXTS = ["dog: a member of the genus Canis that has been domesticated by man since prehistoric times",
-         "A journey of a thousand miles begins with a single step, and then another one after it.",
-         "abandon v. to give up with the intent of never again claiming a right or interest in",
-         "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm afternoon sun."] * 3
+@pytest.fixture(scope="module")
+def texts():
+    "Distinct corpus records (fortunes and WordNet), enough positions to exceed hidden size + 1 several times."
+    from tokexp.assets import read_domain
+    return read_domain("fortunes", limit=12, seed=0, min_chars=80) + read_domain("wordnet", limit=12, seed=0, min_chars=80)
 
 
-def test_compact_reconstructs_full_logprobs_float64(ref_small64):
+def test_compact_reconstructs_full_logprobs_float64(ref_small64, texts):
     model, tok = ref_small64
-    lp = _logprobs(model, tok, TEXTS)
-    assert lp.shape[0] > 200  # many positions, more than hidden size + 1
+    lp = _logprobs(model, tok, texts)
+    assert lp.shape[0] > 400  # many positions, more than hidden size + 1
     W, b = INV.output_embedding(model)
     for seed in (0, 1):
         cm = INV.compact_map(W, b, seed=seed)
@@ -48,11 +57,11 @@ def test_compact_reconstructs_full_logprobs_float64(ref_small64):
     assert np.abs(bad.reconstruct(bad.project(lp)) - lp).max() > 1e-3
 
 
-def test_singular_values_show_dimension_at_most_hidden_plus_one(ref_small64):
+def test_singular_values_show_dimension_at_most_hidden_plus_one(ref_small64, texts):
     model, tok = ref_small64
-    lp = _logprobs(model, tok, TEXTS)
+    lp = _logprobs(model, tok, texts)
     D = model.config.n_embd
-    _, s = np.linalg.svd(lp, full_matrices=False)
+    s = np.linalg.svd(lp, compute_uv=False)
     assert s[D + 1] / s[0] < 1e-11  # index D+1 is the (D+2)-th singular value: zero up to rounding
     assert s[D - 1] / s[0] > 1e-6  # and the subspace is not degenerate (rank close to D + 1, not tiny)
     basis, _ = INV.svd_basis(lp, rtol=1e-10)

@@ -10,7 +10,7 @@ __all__ = ['VIEWS', 'PROMPT_SOURCES', 'output_embedding', 'alr', 'CompactMap', '
            'InverterNet', 'Inverter', 'train_inverter', 'exact_match', 'token_f1', 'bootstrap_mean_ci',
            'hidden_prompts', 'heldout_mask']
 
-# %% ../../nbs/36_graybox.inversion.ipynb #370c70d5
+# %% ../../nbs/36_graybox.inversion.ipynb #317db221
 import math, time
 from collections import Counter
 from dataclasses import dataclass, asdict, field
@@ -22,7 +22,7 @@ import torch
 
 from ..core import InputError, ConfigError, Registry, stable_hash, write_json, read_json, load_settings, default_profile, atomic_write
 
-# %% ../../nbs/36_graybox.inversion.ipynb #2ae5782d
+# %% ../../nbs/36_graybox.inversion.ipynb #606adb6f
 def output_embedding(model)->tuple[np.ndarray, np.ndarray|None]:
     "The output embedding `W` [V, D] and output bias [V] (None without one) of a causal LM, as float64 arrays."
     head = model.get_output_embeddings()
@@ -33,7 +33,7 @@ def output_embedding(model)->tuple[np.ndarray, np.ndarray|None]:
     b = getattr(head, "bias", None)
     return W, (None if b is None else b.detach().double().cpu().numpy())
 
-# %% ../../nbs/36_graybox.inversion.ipynb #4cab912e
+# %% ../../nbs/36_graybox.inversion.ipynb #5c929dff
 def alr(logprobs, # [..., V] log-probabilities (numpy array or torch tensor)
         tokens, # token ids; the first is the reference token
        ):
@@ -41,7 +41,7 @@ def alr(logprobs, # [..., V] log-probabilities (numpy array or torch tensor)
     if len(tokens) < 2: raise InputError(f"alr needs a reference token and at least one more, got {len(tokens)} token(s)")
     return logprobs[..., tokens[1:]] - logprobs[..., tokens[:1]]
 
-# %% ../../nbs/36_graybox.inversion.ipynb #2b85567e
+# %% ../../nbs/36_graybox.inversion.ipynb #78512470
 def _logsumexp(x:np.ndarray, axis:int=-1)->np.ndarray:
     m = x.max(axis=axis, keepdims=True)
     return m + np.log(np.exp(x - m).sum(axis=axis, keepdims=True))
@@ -85,7 +85,7 @@ def compact_map(W:np.ndarray, # [V, D] output embedding
         raise InputError(f"the {n - 1} chosen alr rows span rank {np.linalg.matrix_rank(MS)} < {rank}; pick another seed or raise n_extra")
     return CompactMap(tokens=tokens, lift=Mr @ np.linalg.pinv(MS), rank=rank)
 
-# %% ../../nbs/36_graybox.inversion.ipynb #c025cdb4
+# %% ../../nbs/36_graybox.inversion.ipynb #c960396b
 def svd_basis(logprobs:np.ndarray, # [N, V] log-probability vectors collected from one model
               rtol:float=1e-9, # singular values below rtol·s_max count as zero
              )->tuple[np.ndarray, np.ndarray]:
@@ -96,7 +96,7 @@ def svd_basis(logprobs:np.ndarray, # [N, V] log-probability vectors collected fr
     r = int((s > rtol * s[0]).sum())
     return Vt[:r].T, s
 
-# %% ../../nbs/36_graybox.inversion.ipynb #7b84ed60
+# %% ../../nbs/36_graybox.inversion.ipynb #7257458b
 def topk_logprobs(logprobs, # [..., V] log-probabilities (torch tensor)
                   k:int, # how many (an API's `top_logprobs`)
                  ):
@@ -104,13 +104,13 @@ def topk_logprobs(logprobs, # [..., V] log-probabilities (torch tensor)
     v, i = logprobs.topk(k, dim=-1)
     return i, v
 
-# %% ../../nbs/36_graybox.inversion.ipynb #92f4944b
+# %% ../../nbs/36_graybox.inversion.ipynb #c0b9b543
 def inversion_cache_dir(cache_dir:str|Path|None=None)->Path:
     "`<cache_dir>/inversion` (default cache_dir: settings.ini's `cache_dir`)."
     base = Path(cache_dir) if cache_dir else load_settings().path_for("cache_dir", default_profile())
     return base / "inversion"
 
-# %% ../../nbs/36_graybox.inversion.ipynb #89fe03ca
+# %% ../../nbs/36_graybox.inversion.ipynb #8f330d7c
 @dataclass
 class Observations:
     "What the attacker sees for each hidden prompt: generated tokens and, per generation step, the compact and top-k views."
@@ -140,7 +140,7 @@ class Observations:
         "Read what `save` wrote."
         with np.load(path) as z: return cls(z["gen_ids"], z["compact"], z["topk_ids"], z["topk_logp"], int(z["vocab_size"]))
 
-# %% ../../nbs/36_graybox.inversion.ipynb #e6cd39d6
+# %% ../../nbs/36_graybox.inversion.ipynb #5b6fa1de
 def _prompt_ids(tokenizer, prompts:Sequence[str])->list[list[int]]:
     bos = tokenizer.bos_token_id
     return [([bos] if bos is not None else []) + tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
@@ -187,7 +187,7 @@ def observe(model, # causal LM (the target)
         out["topk_ids"].append(i.cpu().numpy().astype(np.int32)); out["topk_logp"].append(v.float().cpu().numpy())
     return Observations(**{k: np.concatenate(v) for k, v in out.items()}, vocab_size=int(V))
 
-# %% ../../nbs/36_graybox.inversion.ipynb #7a098462
+# %% ../../nbs/36_graybox.inversion.ipynb #a780e3b9
 class View:
     "How an inverter reads observations: a fitted, deterministic map to `[B, T, in_dim]` float tensors."
     name: str = ""
@@ -228,7 +228,7 @@ class TopKView(View):
         x[..., -2], x[..., -1] = v[..., 0] / 10, v[..., -1] / 10
         return x
 
-# %% ../../nbs/36_graybox.inversion.ipynb #b41d023e
+# %% ../../nbs/36_graybox.inversion.ipynb #c685a9ca
 @dataclass(frozen=True)
 class InverterConfig:
     "Architecture and training budget of an inverter (one config for every view, so comparisons share the budget)."
@@ -254,7 +254,7 @@ class InverterConfig:
         if not 0 < self.val_frac < 1: raise ConfigError(f"val_frac must be in (0, 1), got {self.val_frac}")
         if min(self.max_epochs, self.patience, self.batch_size, self.max_len) < 1: raise ConfigError("max_epochs, patience, batch_size and max_len must be >= 1")
 
-# %% ../../nbs/36_graybox.inversion.ipynb #ece9d925
+# %% ../../nbs/36_graybox.inversion.ipynb #444f2658
 class InverterNet(torch.nn.Module):
     "Encoder-decoder inverter: PILS's input MLP per observed step, a transformer encoder, and a prompt decoder."
     def __init__(self, in_dim:int, vocab_size:int, cfg:InverterConfig):
@@ -287,7 +287,7 @@ class InverterNet(torch.nn.Module):
 
     def forward(self, x, y_in, pad_mask=None): return self.decode(self.encode(x), y_in, pad_mask)
 
-# %% ../../nbs/36_graybox.inversion.ipynb #26a86970
+# %% ../../nbs/36_graybox.inversion.ipynb #8aa74908
 def _teacher_forcing(targets:Sequence[Sequence[int]], start:int, end:int, max_len:int):
     "Decoder inputs [N, L+1] (START + prompt), outputs (prompt + END, -100 = ignore) and padding masks."
     L = max(map(len, targets)) + 1
@@ -332,7 +332,25 @@ class Inverter:
                 for row in y[:, 1:].tolist(): res.append(row[:row.index(net.end)] if net.end in row else row)
         return res
 
-# %% ../../nbs/36_graybox.inversion.ipynb #ec9d1178
+    def nll(self, obs:Observations, # observations of the prompts
+            targets:Sequence[Sequence[int]], # their true token ids
+            n_positions:int|None=None, # steps to read (default: as trained)
+            batch_size:int=256, # prompts per forward pass
+           )->np.ndarray:
+        "Per-prompt teacher-forced cross-entropy of the true prompt (+ END), nats per token: a graded score where exact match is all-or-nothing."
+        T, net = n_positions or self.n_positions, self.net
+        dev = next(net.parameters()).device
+        y_in, y_out, pad = _teacher_forcing(targets, net.start, net.end, max(map(len, targets)))
+        net.eval(); out = []
+        with torch.no_grad():
+            for s in range(0, len(obs), batch_size):
+                b = np.arange(s, min(s + batch_size, len(obs)))
+                lg = net(self.view.inputs(obs, b, T).to(dev), y_in[b].to(dev), pad[b].to(dev))
+                ce = torch.nn.functional.cross_entropy(lg.transpose(1, 2), y_out[b].to(dev), ignore_index=-100, reduction="none")
+                out.append((ce.sum(1) / (~pad[b].to(dev)).sum(1)).cpu().numpy())
+        return np.concatenate(out)
+
+# %% ../../nbs/36_graybox.inversion.ipynb #881b7886
 def train_inverter(obs:Observations, # training observations (one per prompt)
                    targets:Sequence[Sequence[int]], # each prompt's token ids (no BOS)
                    view:str="compact", # a VIEWS name: "compact" (PILS) or "topk" (baseline)
@@ -397,7 +415,7 @@ def train_inverter(obs:Observations, # training observations (one per prompt)
             torch.save({k: v.cpu() for k, v in net.state_dict().items()}, tmp / "net.pt"); write_json(tmp / "view.json", vw.state()); write_json(tmp / "log.json", log)
     return Inverter(vw, net, T, log)
 
-# %% ../../nbs/36_graybox.inversion.ipynb #5f74a593
+# %% ../../nbs/36_graybox.inversion.ipynb #db8cfe15
 def _words(s:str)->list[str]: return s.split()
 
 def exact_match(preds:Sequence[str], # recovered prompts
@@ -432,7 +450,7 @@ def bootstrap_mean_ci(values:np.ndarray, # per-prompt scores
     a = (1 - level) / 2
     return float(np.quantile(m, a)), float(np.quantile(m, 1 - a))
 
-# %% ../../nbs/36_graybox.inversion.ipynb #917c8ece
+# %% ../../nbs/36_graybox.inversion.ipynb #21e75153
 PROMPT_SOURCES = ("wordnet", "fortunes")
 
 def hidden_prompts(source:str, # "wordnet" (a headword and a colon: "lemma:") or "fortunes" (a fortune's first words)
