@@ -4,10 +4,11 @@
 
 # %% auto #0
 __all__ = ['PAD', 'SELFCHECK', 'split_sentences', 'word_tokens', 'NgramModel', 'selfcheck_ngram', 'bertscore_f1', 'TokenEmbedder',
-           'selfcheck_bertscore', 'SelfCheckVariant', 'NgramCheck', 'BERTScoreCheck', 'selfcheck_variants',
-           'sample_passages', 'probability_baselines', 'normalize_answer', 'token_f1', 'best_f1', 'auc_pr']
+           'selfcheck_bertscore', 'bertscore_support', 'SelfCheckVariant', 'NgramCheck', 'BERTScoreCheck',
+           'selfcheck_variants', 'sample_passages', 'probability_baselines', 'normalize_answer', 'token_f1', 'best_f1',
+           'auc_pr']
 
-# %% ../../nbs/37_graybox.selfcheck.ipynb #43c3a40c
+# %% ../../nbs/37_graybox.selfcheck.ipynb #fea9121f
 import math, re, string
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import numpy as np
 
 from ..core import Registry, ConfigError, InputError
 
-# %% ../../nbs/37_graybox.selfcheck.ipynb #1140e55f
+# %% ../../nbs/37_graybox.selfcheck.ipynb #20006852
 def split_sentences(text:str, # a passage
                     seps:str=".!?", # characters that end a sentence when followed by whitespace (or the end)
                    )->list[str]:
@@ -36,7 +37,7 @@ def word_tokens(text:str, # a sentence
     toks = _WORD.findall(text)
     return [t.lower() for t in toks] if lowercase else toks
 
-# %% ../../nbs/37_graybox.selfcheck.ipynb #fcc3d9fd
+# %% ../../nbs/37_graybox.selfcheck.ipynb #2cf57f19
 PAD = "<s>"  # left-padding symbol of n-grams (n > 1)
 
 @dataclass
@@ -82,7 +83,7 @@ class NgramModel:
         g = self.grams(word_tokens(sentence, self.lowercase))
         with np.errstate(divide="ignore"): return -np.log(np.array([self.prob(x) for x in g], float))
 
-# %% ../../nbs/37_graybox.selfcheck.ipynb #b176e3d3
+# %% ../../nbs/37_graybox.selfcheck.ipynb #a539b83a
 def selfcheck_ngram(sentences:Sequence[str], # the passage's sentences to score
                     passage:str, # the passage (fitted on, as in the paper)
                     samples:Sequence[str], # the N sampled passages
@@ -109,7 +110,7 @@ def selfcheck_ngram(sentences:Sequence[str], # the passage's sentences to score
     avg, mx = np.array([p.mean() for p in per]), np.array([p.max() for p in per])
     return {"avg": avg, "max": mx, "doc_avg": float(np.concatenate(per).mean()), "doc_avg_max": float(mx.mean())}
 
-# %% ../../nbs/37_graybox.selfcheck.ipynb #436ab2f0
+# %% ../../nbs/37_graybox.selfcheck.ipynb #8ed4923a
 def bertscore_f1(cand:"torch.Tensor", # [C, m, d] candidate token embeddings (padded)
                  cand_w:"torch.Tensor", # [C, m] token weights (0 = padding or a special token not scored)
                  ref:"torch.Tensor", # [R, n, d] reference token embeddings (padded)
@@ -135,7 +136,7 @@ def bertscore_f1(cand:"torch.Tensor", # [C, m, d] candidate token embeddings (pa
     F = 2 * P * R / (P + R).clamp_min(1e-12)
     return P, R, F
 
-# %% ../../nbs/37_graybox.selfcheck.ipynb #6bdfddea
+# %% ../../nbs/37_graybox.selfcheck.ipynb #575716fe
 class TokenEmbedder:
     "Contextual token embeddings of sentences (one layer of a BERT encoder; MiniLM-L6 by default), cached per sentence."
     def __init__(self, model=None, # a transformers BERT-style encoder (None: MiniLM-L6 from the cached asset)
@@ -195,7 +196,7 @@ class TokenEmbedder:
         F = bertscore_f1(ec, wc, er, wr, mc, mr)[2].numpy()
         return (F - rescale_baseline) / (1 - rescale_baseline) if rescale_baseline is not None else F
 
-# %% ../../nbs/37_graybox.selfcheck.ipynb #04ced268
+# %% ../../nbs/37_graybox.selfcheck.ipynb #1988fa4f
 def selfcheck_bertscore(sentences:Sequence[str], # the passage's sentences to score
                         samples:Sequence[str], # the N sampled passages
                         embedder:TokenEmbedder, # encoder of the tokens
@@ -204,6 +205,16 @@ def selfcheck_bertscore(sentences:Sequence[str], # the passage's sentences to sc
                         rescale_baseline:float|None=None, # optional BERTScore baseline (does not change rankings)
                        )->np.ndarray:
     "SelfCheckGPT-BERTScore of every sentence: `1 − mean over samples of the max F1 against the sample's sentences`."
+    return 1.0 - bertscore_support(sentences, samples, embedder, seps=seps, rescale_baseline=rescale_baseline).mean(1)
+
+def bertscore_support(sentences:Sequence[str], # the passage's sentences
+                      samples:Sequence[str], # the N sampled passages
+                      embedder:TokenEmbedder, # encoder of the tokens
+                      *,
+                      seps:str=".!?", # sentence separators of the samples
+                      rescale_baseline:float|None=None, # optional BERTScore baseline
+                     )->np.ndarray:
+    "[I, N] best BERTScore F1 of each passage sentence against each sample's sentences (0 for an empty sample)."
     sentences = list(sentences)
     if not sentences: raise InputError("no sentences to score: split the passage first (split_sentences) and drop empty passages")
     if not samples: raise InputError("no samples: SelfCheck needs N >= 1 sampled passages")
@@ -211,9 +222,9 @@ def selfcheck_bertscore(sentences:Sequence[str], # the passage's sentences to sc
     for n, s in enumerate(samples):
         ss = split_sentences(s, seps)
         if ss: best[:, n] = embedder.f1(sentences, ss, rescale_baseline).max(1)
-    return 1.0 - best.mean(1)
+    return best
 
-# %% ../../nbs/37_graybox.selfcheck.ipynb #158db0ba
+# %% ../../nbs/37_graybox.selfcheck.ipynb #965d6f29
 @dataclass
 class SelfCheckVariant:
     "Base class: a SelfCheckGPT sentence scorer (higher = less consistent with the samples)."
@@ -267,7 +278,7 @@ def selfcheck_variants(names:Sequence[str]|None=None, # registry names (None: al
     vs = [SELFCHECK[n] for n in (names if names is not None else SELFCHECK.names())]
     return [replace(v, seps=seps) if seps is not None else v for v in vs]
 
-# %% ../../nbs/37_graybox.selfcheck.ipynb #86e55d7d
+# %% ../../nbs/37_graybox.selfcheck.ipynb #4fae919e
 def _cut(ids:list[int], stop:set)->list[int]:
     for i, t in enumerate(ids):
         if t in stop: return ids[:i]
@@ -275,7 +286,7 @@ def _cut(ids:list[int], stop:set)->list[int]:
 
 def sample_passages(model, # a causal LM (transformers)
                     tokenizer, # its tokenizer
-                    prompts:Sequence[str], # prompt texts (BOS is prepended when the tokenizer has one)
+                    prompts:Sequence[str], # prompt texts (BOS, else EOS, is prepended: the document separator of training)
                     n_samples:int=20, # stochastic samples per prompt (the paper: 20)
                     max_new_tokens:int=32, # tokens per generation
                     *,
@@ -290,7 +301,8 @@ def sample_passages(model, # a causal LM (transformers)
     from tokexp.lm import model_context
     if n_samples < 1: raise ConfigError(f"n_samples must be >= 1, got {n_samples}")
     if temperature <= 0: raise ConfigError(f"temperature must be > 0 (greedy decoding gives the passage), got {temperature}")
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id  # as documents are packed in training
+    bos = [start] if start is not None else []
     enc = [bos + e for e in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
     if not enc: raise InputError("no prompts")
     ctx = model_context(model)
@@ -329,7 +341,7 @@ def sample_passages(model, # a causal LM (transformers)
     return {"passages": [dec(g) for g in greedy], "passage_ids": greedy, "samples": [[dec(s) for s in ss] for ss in samp],
             "prompt_ids": enc}
 
-# %% ../../nbs/37_graybox.selfcheck.ipynb #ab76f202
+# %% ../../nbs/37_graybox.selfcheck.ipynb #ffdb46d4
 def probability_baselines(model, # the causal LM that generated the passages
                           prompt_ids:Sequence[Sequence[int]], # token ids of every prompt (BOS included)
                           passage_ids:Sequence[Sequence[int]], # token ids of every passage (no EOS)
@@ -359,7 +371,7 @@ def probability_baselines(model, # the causal LM that generated the passages
                 out["avg_entropy"][i], out["max_entropy"][i] = ent.mean(), ent.max()
     return out
 
-# %% ../../nbs/37_graybox.selfcheck.ipynb #4cc3551b
+# %% ../../nbs/37_graybox.selfcheck.ipynb #e6f81aee
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
 
