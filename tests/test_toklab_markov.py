@@ -113,6 +113,28 @@ def test_char_xent_matches_one_string_at_a_time():
     assert got["chars_per_token"] == 1.0
 
 
+def test_char_xent_windows_score_every_token_once_with_its_window_context():
+    "A string longer than the context: each token t is scored once, given the tokens from its window's start (direct loop)."
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(2)
+    W = 16
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=5, n_positions=W, n_embd=32, n_layer=1, n_head=2)).eval()
+    tok = char_tokenizer("01")
+    text = get_source("switching-k2").sample(1, 50, seed=1)[0]
+    seq = [0] + [3 + int(c) for c in text]
+    total, start, scored = 0.0, 0, 1   # windows of W positions advancing by W // 2; the last one ends at the string's end
+    with torch.no_grad():
+        while scored < len(seq):
+            end = min(start + W, len(seq))
+            logp = torch.log_softmax(model(torch.tensor([seq[start:end]])).logits[0].double(), -1)
+            total += sum(-logp[t - 1 - start, seq[t]].item() for t in range(scored, end)) / math.log(2)
+            scored, start = end, min(start + W // 2, len(seq) - W)
+    got = char_xent(model, tok, [text, "0110"], batch_size=3)
+    assert got["nll_bits"][0] == pytest.approx(total, rel=1e-5)
+    assert got["n_tokens"] == 54
+
+
 def test_compact_bpe_segments_like_the_byte_level_bpe(tmp_path):
     from tokexp.toklab.train import TokRecipe, train_tokenizer, as_hf_tokenizer
     src = get_source("random-k2-abc-s0")
@@ -139,7 +161,7 @@ def test_training_is_deterministic_and_cached(tmp_path):
 
 def test_template_e2e(reports_tmp):
     from tokexp.report import run_experiment
-    params = dict(sources=["switching-k2"], bpe_vocabs=[48], n_train=24, train_len=400, n_eval=16, eval_len=40, d_model=16,
+    params = dict(sources=["switching-k2"], bpe_vocabs=[48], n_train=24, train_len=400, n_eval=8, eval_len=100, d_model=16,
                   n_heads=2, n_layers=1, ctx=48, steps=6, batch_size=4, warmup=2, long_steps=8, unigram_vocabs=[48, 64], long_sources=["switching-k2"])
     r = run_experiment("markov_tokenization", params, force=True, progress=False)
     assert r.ok, r.error

@@ -10,7 +10,7 @@ __all__ = ['MAX_STATES', 'MARKOV_SOURCES', 'MARKOV_VERSION', 'MarkovSource', 'sw
            'char_tokenizer', 'char_xent', 'token_unigram_xent', 'MarkovLMSpec', 'MarkovRun', 'markov_cache_dir',
            'markov_lm_path', 'run_tokenizer', 'compact_bpe', 'train_markov_lm', 'load_markov_lm', 'learning_curve']
 
-# %% ../../nbs/18_toklab.markov.ipynb #47fddb99
+# %% ../../nbs/18_toklab.markov.ipynb #a0092025
 import math, time
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
@@ -21,7 +21,7 @@ import numpy as np
 from ..core import ConfigError, InputError, Registry, stable_hash, write_json, read_json, load_settings, default_profile
 from ..lm import LMSpec, SPECIALS, fit_lm, _atomic_dir, _quiet_transformers
 
-# %% ../../nbs/18_toklab.markov.ipynb #c5b2e4cd
+# %% ../../nbs/18_toklab.markov.ipynb #39200d39
 MAX_STATES = 4096  # m**k contexts at most (dense transition matrix)
 
 def _entropy_bits(p:np.ndarray, axis:int=-1)->np.ndarray:
@@ -93,7 +93,7 @@ class MarkovSource:
         "Entropy (bits) of k consecutive stationary symbols (the first k characters of a sample)."
         return float(_entropy_bits(self.stationary()))
 
-# %% ../../nbs/18_toklab.markov.ipynb #1f97da88
+# %% ../../nbs/18_toklab.markov.ipynb #4a6ebea0
 def switching(k:int, # order: x_t depends on x_{t-k} only
               p:float=0.8, # P(x_t = 1 | x_{t-k} = 0)
               q:float=0.8, # P(x_t = 0 | x_{t-k} = 1)
@@ -126,7 +126,7 @@ def get_source(name_or_source:str|MarkovSource)->MarkovSource:
     "A registered source by name (or the source itself)."
     return name_or_source if isinstance(name_or_source, MarkovSource) else MARKOV_SOURCES[name_or_source]
 
-# %% ../../nbs/18_toklab.markov.ipynb #44c8a5b7
+# %% ../../nbs/18_toklab.markov.ipynb #bb0d1404
 def _sample(self:MarkovSource, n:int, # number of strings
             length:int, # characters per string
             seed:int=0)->list[str]:
@@ -175,7 +175,7 @@ def _xent_per_char(self:MarkovSource, texts:Sequence[str])->float:
 
 MarkovSource.sample, MarkovSource.log2prob, MarkovSource.xent_per_char = _sample, _log2prob, _xent_per_char
 
-# %% ../../nbs/18_toklab.markov.ipynb #c386ed8e
+# %% ../../nbs/18_toklab.markov.ipynb #69931e67
 def char_tokenizer(alphabet:str, # the source's symbols
                   ):
     "A character-level `PreTrainedTokenizerFast`: the 3 specials of `tokexp.lm` then one token per symbol."
@@ -200,39 +200,45 @@ def _encode_checked(tokenizer, texts:Sequence[str])->list[list[int]]:
         if back != t: raise InputError(f"the tokenizer does not round-trip {t[:40]!r} (decoded {back[:40]!r}): it drops or changes characters")
     return enc
 
-# %% ../../nbs/18_toklab.markov.ipynb #a68bc68d
+# %% ../../nbs/18_toklab.markov.ipynb #af1b8525
 def char_xent(model, tokenizer, # a causal LM and its tokenizer (BOS required)
               texts:Sequence[str], # held-out strings, each scored on its own
-              batch_size:int=64, device=None)->dict:
+              batch_size:int=64, device=None,
+              stride:int|None=None, # sliding-window stride for strings longer than the context (default: half the context)
+             )->dict:
     "Per-character cross-entropy (bits) of `model` on `texts`: total token NLL given BOS / total characters."
     import torch
+    from tokexp.lm import sliding_windows
     if tokenizer.bos_token_id is None: raise InputError("the tokenizer has no BOS token; strings are scored given BOS")
     if not len(texts): raise InputError("no texts to score")
     enc = _encode_checked(tokenizer, texts)
-    ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
-    longest = max(len(e) for e in enc) + 1
-    if ctx and longest > ctx: raise InputError(f"a string needs {longest} positions with BOS but the model has {ctx}; use shorter held-out strings")
-    dev = device or next(model.parameters()).device
+    W = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None) or (max(map(len, enc)) + 1)
+    stride = min(stride or max(1, W // 2), W - 1)
     bos, pad = tokenizer.bos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    items = []  # (text index, window token ids, offset of the first scored position in the window)
+    for j, e in enumerate(enc):
+        seq = [bos] + list(e)
+        items += [(j, seq[a:b], f - a) for a, b, f in sliding_windows(len(seq), W, stride)]
+    dev = device or next(model.parameters()).device
     nll = np.zeros(len(enc))
     was = model.training; model.eval()
     try:
         with torch.inference_mode():
-            for i in range(0, len(enc), batch_size):
-                chunk = enc[i:i + batch_size]; L = max(len(e) for e in chunk) + 1
-                x = torch.full((len(chunk), L), pad, dtype=torch.long); att = torch.zeros_like(x)
-                for r, e in enumerate(chunk): x[r, :len(e) + 1] = torch.tensor([bos] + list(e)); att[r, :len(e) + 1] = 1
+            for i in range(0, len(items), batch_size):
+                chunk = items[i:i + batch_size]; L = max(len(w) for _, w, _ in chunk)
+                x = torch.full((len(chunk), L), pad, dtype=torch.long); att = torch.zeros_like(x); score = torch.zeros_like(x)
+                for r, (_, w, f) in enumerate(chunk): x[r, :len(w)] = torch.tensor(w); att[r, :len(w)] = 1; score[r, f:len(w)] = 1
                 x, att = x.to(dev), att.to(dev)
                 logp = torch.log_softmax(model(input_ids=x, attention_mask=att, use_cache=False).logits[:, :-1].float(), -1)
-                tgt = logp.gather(-1, x[:, 1:, None])[..., 0] * att[:, 1:]
-                nll[i:i + len(chunk)] = (-tgt.sum(1) / math.log(2)).cpu().numpy()
+                tgt = (logp.gather(-1, x[:, 1:, None])[..., 0] * score[:, 1:].to(dev)).sum(1) / -math.log(2)
+                np.add.at(nll, [j for j, _, _ in chunk], tgt.cpu().numpy())
     finally: model.train(was)
     n_chars, n_tok = np.array([len(t) for t in texts]), np.array([len(e) for e in enc])
     return {"bits_per_char": float(nll.sum() / n_chars.sum()), "bits_per_token": float(nll.sum() / n_tok.sum()),
             "chars_per_token": float(n_chars.sum() / n_tok.sum()), "n_chars": int(n_chars.sum()), "n_tokens": int(n_tok.sum()),
             "nll_bits": nll}
 
-# %% ../../nbs/18_toklab.markov.ipynb #8f9b1005
+# %% ../../nbs/18_toklab.markov.ipynb #7bc206eb
 def token_unigram_xent(tokenizer, # a tokenizer (specials excluded from the unigram)
                        train_texts:Sequence[str], # strings to count tokens on
                        texts:Sequence[str], # strings to score, each encoded on its own
@@ -248,7 +254,7 @@ def token_unigram_xent(tokenizer, # a tokenizer (specials excluded from the unig
     nll = -sum(float(np.log2(q[e]).sum()) for e in enc)
     return nll / sum(len(t) for t in texts)
 
-# %% ../../nbs/18_toklab.markov.ipynb #fcee0bc6
+# %% ../../nbs/18_toklab.markov.ipynb #d6a12201
 @dataclass(frozen=True)
 class MarkovLMSpec(LMSpec):
     "An `LMSpec` whose vocabulary may be as small as a Markov source's alphabet plus the 3 specials."
@@ -315,7 +321,7 @@ def markov_lm_path(run:MarkovRun, cache_dir:str|Path|None=None)->Path:
     "Where the model of `run` is (or would be) cached."
     return markov_cache_dir(cache_dir) / f"{run.source}-{run.label}-{run.key()}"
 
-# %% ../../nbs/18_toklab.markov.ipynb #fa3e62fd
+# %% ../../nbs/18_toklab.markov.ipynb #76b386e8
 def run_tokenizer(run:MarkovRun, # the run
                   train_texts:Sequence[str], # its training strings (BPE is trained on them)
                   cache_dir:str|Path|None=None):
