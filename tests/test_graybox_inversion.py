@@ -25,11 +25,11 @@ def ref_small64():
 
 
 def _logprobs(model, tok, texts):
-    "Float64 log-prob vectors at every position of `texts` (BOS first, at most 100 tokens), stacked [N, V]."
+    "Float64 log-prob vectors at every position of `texts` (BOS first, at most 40 tokens), stacked [N, V]."
     rows = []
     with torch.no_grad():
         for t in texts:
-            ids = torch.tensor([[tok.bos_token_id] + tok(t, add_special_tokens=False).input_ids[:99]])
+            ids = torch.tensor([[tok.bos_token_id] + tok(t, add_special_tokens=False).input_ids[:39]])
             rows.append(torch.log_softmax(model(ids).logits[0], -1).numpy())
     return np.concatenate(rows)
 
@@ -38,12 +38,15 @@ def _logprobs(model, tok, texts):
 def texts():
     "Distinct corpus records (fortunes and WordNet), enough positions to exceed hidden size + 1 several times."
     from tokexp.assets import read_domain
-    return read_domain("fortunes", limit=12, seed=0, min_chars=80) + read_domain("wordnet", limit=12, seed=0, min_chars=80)
+    return read_domain("fortunes", limit=8, seed=0, min_chars=80) + read_domain("wordnet", limit=8, seed=0, min_chars=80)
 
 
-def test_compact_reconstructs_full_logprobs_float64(ref_small64, texts):
-    model, tok = ref_small64
-    lp = _logprobs(model, tok, texts)
+@pytest.fixture(scope="module")
+def ref_lp(ref_small64, texts): return _logprobs(*ref_small64, texts)
+
+
+def test_compact_reconstructs_full_logprobs_float64(ref_small64, ref_lp):
+    model, lp = ref_small64[0], ref_lp
     assert lp.shape[0] > 400  # many positions, more than hidden size + 1
     W, b = INV.output_embedding(model)
     for seed in (0, 1):
@@ -57,14 +60,11 @@ def test_compact_reconstructs_full_logprobs_float64(ref_small64, texts):
     assert np.abs(bad.reconstruct(bad.project(lp)) - lp).max() > 1e-3
 
 
-def test_singular_values_show_dimension_at_most_hidden_plus_one(ref_small64, texts):
-    model, tok = ref_small64
-    lp = _logprobs(model, tok, texts)
-    D = model.config.n_embd
-    s = np.linalg.svd(lp, compute_uv=False)
+def test_singular_values_show_dimension_at_most_hidden_plus_one(ref_small64, ref_lp):
+    lp, D = ref_lp, ref_small64[0].config.n_embd
+    basis, s = INV.svd_basis(lp, rtol=1e-10)
     assert s[D + 1] / s[0] < 1e-11  # index D+1 is the (D+2)-th singular value: zero up to rounding
     assert s[D - 1] / s[0] > 1e-6  # and the subspace is not degenerate (rank close to D + 1, not tiny)
-    basis, _ = INV.svd_basis(lp, rtol=1e-10)
     assert basis.shape[1] <= D + 1
     assert np.abs(lp @ basis @ basis.T - lp).max() < 1e-9
 
