@@ -18,6 +18,14 @@ def reports_tmp(tmp_path, monkeypatch):
     monkeypatch.setenv("TOKEXP_REPORTS_DIR", str(d))
     return d
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    "One torch thread for a test module: small CPU models train many times faster without intra-op threads on a shared, oversubscribed machine (restored after)."
+    import torch
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 def reads_as_report(nb_path):
     "The report convention: title, quiet compute cells, ## Findings in words before ## Method, no streams or bare reprs, ends with save_metrics."
     import nbformat

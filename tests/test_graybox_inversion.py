@@ -8,12 +8,7 @@ from conftest import reads_as_report, tiny_lm
 from tokexp.graybox import inversion as INV
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    "Small CPU models train many times faster with one thread on a shared, oversubscribed machine; restored afterwards."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -72,13 +72,7 @@ def test_ngram_variant_ranks_the_contradicted_sentence_higher():
         assert v[1] > v[0], name
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    "One torch thread: many small ops run far faster without intra-op threads on a loaded shared CPU (restored after)."
-    import torch
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
