@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 
 from ..core import ConfigError, InputError
 
@@ -134,9 +135,8 @@ PUBLISHED_MODELS = [  # (model, zoo tokenizer, V, d, total params, tied, positio
     ("StarCoder-15.5B", "starcoder", 49152, 6144, 15.5e9, False, 0, 1.0e12, "Li et al. 2023 (StarCoder)"),
 ]
 
-def published_models()->"pd.DataFrame":
+def published_models()->pd.DataFrame:
     "`PUBLISHED_MODELS` as a table with N_nv, N_v and (where tokens are known) training FLOPs 6(N_nv + V d)D."
-    import pandas as pd
     rows = []
     for m, tok, V, d, tot, tied, pos, D, src in PUBLISHED_MODELS:
         n_nv = tot - V * d * (1 if tied else 2) - pos
