@@ -9,7 +9,7 @@ __all__ = ['EPS', 'DETECTORS', 'ATTACKS', 'N_PAWN_FEATURES', 'masked_sum', 'mask
            'fast_detectgpt_2m', 'binoculars', 'likelihood_ratio', 'two_model_stats', 'available_detectors', 'score_all',
            'synthetic_stats', 'ngram_overlap', 'generate_ids', 'dna_gpt_scores', 'detector_table', 'char_noise',
            'word_swap', 'local_shuffle', 'count_forward_passes', 'bench_detectors', 'pawn_features', 'PAWNConfig',
-           'split_indices', 'PAWNHead', 'train_pawn']
+           'split_indices', 'save_torch_head', 'load_torch_head', 'PAWNHead', 'train_pawn']
 
 # %% ../nbs/30_detect.ipynb #d8a46ccf
 import json, math, time
@@ -567,6 +567,34 @@ def split_indices(labels:np.ndarray, # 0/1 labels
         for p, sl in zip(parts, (idx[:a], idx[a:b], idx[b:])): p.extend(sl.tolist())
     return tuple(np.sort(np.array(p, dtype=np.int64)) for p in parts)
 
+def save_torch_head(path:str|Path, # folder to write
+                    head, # an object with `module` (torch), `config` (dataclass) and `history` (dict)
+                    fmt:str, # format tag stored in config.json, e.g. "tokexp-pawn-1"
+                   )->Path:
+    "Write `config.json` + `model.pt` of a small torch head into `path` atomically (config last, with the weights' sha256)."
+    import torch
+    path = Path(path); path.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path / "model.pt", "wb") as fh: torch.save(head.module.state_dict(), fh)
+    write_json(path / "config.json", {"config": asdict(head.config), "history": head.history,
+                                       "model_sha256": sha256_file(path / "model.pt"), "format": fmt})
+    return path
+
+def load_torch_head(path:str|Path, # folder written by `save_torch_head`
+                    config_cls, # the head's config dataclass
+                    make_module, # config -> torch module
+                    what:str, # what is loaded, for the error message
+                   )->tuple:
+    "(config, module in eval mode, history) of a head written by `save_torch_head` (checks the weights' checksum)."
+    import torch
+    path = Path(path)
+    if not (path / "config.json").exists() or not (path / "model.pt").exists(): raise AssetMissingError(f"no saved {what} in {path} (config.json / model.pt missing)")
+    meta = read_json(path / "config.json")
+    if sha256_file(path / "model.pt") != meta["model_sha256"]: raise IntegrityError(f"{path/'model.pt'} does not match config.json's checksum; retrain or restore it")
+    cfg = config_cls(**meta["config"])
+    mod = make_module(cfg)
+    mod.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
+    return cfg, mod.eval(), meta.get("history", {})
+
 @dataclass
 class PAWNHead:
     "A trained PAWN head: config + torch module + training history."
@@ -590,25 +618,12 @@ class PAWNHead:
 
     def save(self, path:str|Path)->Path:
         "Write `config.json` + `model.pt` into the folder `path` atomically (config last, with the weights' sha256)."
-        import torch
-        path = Path(path); path.mkdir(parents=True, exist_ok=True)
-        with atomic_write(path / "model.pt", "wb") as fh: torch.save(self.module.state_dict(), fh)
-        write_json(path / "config.json", {"config": asdict(self.config), "history": self.history,
-                                           "model_sha256": sha256_file(path / "model.pt"), "format": "tokexp-pawn-1"})
-        return path
+        return save_torch_head(path, self, "tokexp-pawn-1")
 
     @classmethod
     def load(cls, path:str|Path)->"PAWNHead":
         "Reload a head written by `save` (checks the weights' checksum)."
-        import torch
-        path = Path(path)
-        if not (path / "config.json").exists() or not (path / "model.pt").exists(): raise AssetMissingError(f"no saved PAWN head in {path} (config.json / model.pt missing)")
-        meta = read_json(path / "config.json")
-        if sha256_file(path / "model.pt") != meta["model_sha256"]: raise IntegrityError(f"{path/'model.pt'} does not match config.json's checksum; retrain or restore it")
-        cfg = PAWNConfig(**meta["config"])
-        mod = _pawn_module()(cfg)
-        mod.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
-        return cls(cfg, mod.eval(), meta.get("history", {}))
+        return cls(*load_torch_head(path, PAWNConfig, _pawn_module(), "PAWN head"))
 
 def train_pawn(train, # TokenStats (hidden=True) or path
                y_train, # [N] 0/1 labels (1 = machine)

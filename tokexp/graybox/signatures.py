@@ -10,14 +10,15 @@ __all__ = ['Signatures', 'los_features', 'LOSNetConfig', 'LOSNet', 'train_losnet
 
 # %% ../../nbs/34_graybox.signatures.ipynb #72332205
 import math
-from dataclasses import dataclass, field, asdict, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from ..core import ConfigError, InputError, IntegrityError, AssetMissingError, atomic_write, write_json, read_json, sha256_file
+from ..core import ConfigError, InputError
 from ..lm import TokenStats
+from ..detect import save_torch_head, load_torch_head
 
 # %% ../../nbs/34_graybox.signatures.ipynb #56644083
 @dataclass
@@ -159,25 +160,12 @@ class LOSNet:
 
     def save(self, path:str|Path)->Path:
         "Write `config.json` + `model.pt` into the folder `path` atomically (config last, with the weights' sha256)."
-        import torch
-        path = Path(path); path.mkdir(parents=True, exist_ok=True)
-        with atomic_write(path / "model.pt", "wb") as fh: torch.save(self.module.state_dict(), fh)
-        write_json(path / "config.json", {"config": asdict(self.config), "history": self.history,
-                                           "model_sha256": sha256_file(path / "model.pt"), "format": "tokexp-losnet-1"})
-        return path
+        return save_torch_head(path, self, "tokexp-losnet-1")
 
     @classmethod
     def load(cls, path:str|Path)->"LOSNet":
         "Reload a LOS-Net written by `save` (checks the weights' checksum)."
-        import torch
-        path = Path(path)
-        if not (path / "config.json").exists() or not (path / "model.pt").exists(): raise AssetMissingError(f"no saved LOS-Net in {path} (config.json / model.pt missing)")
-        meta = read_json(path / "config.json")
-        if sha256_file(path / "model.pt") != meta["model_sha256"]: raise IntegrityError(f"{path/'model.pt'} does not match config.json's checksum; retrain or restore it")
-        cfg = LOSNetConfig(**meta["config"])
-        mod = _losnet_module()(cfg)
-        mod.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
-        return cls(cfg, mod.eval(), meta.get("history", {}))
+        return cls(*load_torch_head(path, LOSNetConfig, _losnet_module(), "LOS-Net"))
 
 # %% ../../nbs/34_graybox.signatures.ipynb #aff6380b
 def train_losnet(train, # Signatures, TokenStats (topk) or path of saved TokenStats
