@@ -752,6 +752,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                            'tokexp.lm.tokenizer_key': ('lm.html#tokenizer_key', 'tokexp/lm.py'),
                            'tokexp.lm.toy_corpus': ('lm.html#toy_corpus', 'tokexp/lm.py'),
                            'tokexp.lm.train_lm': ('lm.html#train_lm', 'tokexp/lm.py'),
+                           'tokexp.lm.train_rows_loop': ('lm.html#train_rows_loop', 'tokexp/lm.py'),
                            'tokexp.lm.train_tokenizer': ('lm.html#train_tokenizer', 'tokexp/lm.py'),
                            'tokexp.lm.vocab_hash': ('lm.html#vocab_hash', 'tokexp/lm.py')},
             'tokexp.membership': { 'tokexp.membership.MIAScore': ('membership.html#miascore', 'tokexp/membership.py'),

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 from typing import Sequence
 
 from .core import ConfigError, InputError, load_settings, default_profile, stable_hash, write_json, read_json, environment_info
-from .lm import (LMS, load_lm, train_lm, model_identity, model_context, pack_documents, lr_at, _deterministic, _atomic_dir,
+from .lm import (LMS, load_lm, train_rows_loop, train_lm, model_identity, model_context, pack_documents, lr_at, _deterministic, _atomic_dir,
                        _mean_nll, _quiet_transformers)
 
 # %% ../nbs/24_finetune.ipynb #664b5a82
@@ -71,8 +71,6 @@ def finetune_lm(base:str|Path, # reference LM name ("ref-small"), a save_pretrai
                 force:bool=False, # retrain even if cached
                )->Path:
     "Fine-tune `base` on `texts` (deterministic, cached, atomic); returns the folder, loadable with `tokexp.lm.load_lm`."
-    import torch, torch.nn.functional as F
-    from tqdm.auto import tqdm
     texts = _check_texts(texts, "texts")
     heldout = None if heldout is None else _check_texts(heldout, "heldout")
     if not name or "/" in name or name.startswith("."): raise InputError(f"name must be a short folder prefix without '/', got {name!r}")
@@ -97,28 +95,7 @@ def finetune_lm(base:str|Path, # reference LM name ("ref-small"), a save_pretrai
     sched = SimpleNamespace(lr=lr, warmup=warmup, steps=steps)  # what lr_at reads from an LMSpec
     with _deterministic(seed):
         before = _mean_nll(model, held.to(dev)) if held is not None and len(held) else None
-        model.train()
-        decay = [p for p in model.parameters() if p.ndim >= 2]; no_decay = [p for p in model.parameters() if p.ndim < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                                lr=lr, betas=(0.9, 0.95), eps=1e-8)
-        gen = torch.Generator().manual_seed(seed)
-        order, pos, losses, lrs = torch.randperm(len(rows), generator=gen), 0, [], []
-        t0 = time.perf_counter()
-        for step in tqdm(range(steps), desc=f"finetune {name}", disable=not progress, mininterval=2):
-            idx = []
-            while len(idx) < batch_size:
-                if pos == len(order): order, pos = torch.randperm(len(rows), generator=gen), 0
-                take = min(batch_size - len(idx), len(order) - pos)
-                idx.extend(order[pos:pos+take].tolist()); pos += take
-            x = rows[idx].to(dev)
-            for g in opt.param_groups: g["lr"] = lr_at(step, sched)
-            logits = model(input_ids=x, use_cache=False).logits
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-            opt.zero_grad(set_to_none=True); loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
-            losses.append(round(loss.item(), 5)); lrs.append(lr_at(step, sched))
-        wall = time.perf_counter() - t0
-        model.eval()
+        losses, lrs, wall = train_rows_loop(model, rows, sched, batch_size, weight_decay, seed, desc=f"finetune {name}", progress=progress)
         after = _mean_nll(model, held.to(dev)) if held is not None and len(held) else None
     log = {"name": name, "base": str(base), "base_path": src, "base_identity": model_identity(src, cache_dir), "hyper": hyper,
            "texts": len(texts), "texts_sha": texts_sha(texts), "rows": len(rows), "epochs": round(steps * batch_size / len(rows), 2),

@@ -6,8 +6,8 @@
 __all__ = ['LM_DOMAINS', 'SPLIT_SALT', 'HELDOUT_EVERY', 'LMS', 'DEFAULT_LMS', 'Corpus', 'SPECIALS', 'TOKENIZER_VERSION', 'TINY',
            'HUB_SKIP', 'STAT_FIELDS', 'CROSS_FIELDS', 'TOKENSTATS_VERSION', 'split_records', 'lm_split', 'LMSpec',
            'hf_config', 'count_params', 'lm_corpus', 'corpus_sha', 'tokenizer_key', 'train_tokenizer', 'pack_documents',
-           'lr_at', 'fit_lm', 'lm_cache_dir', 'model_key', 'lm_path', 'shared_tokenizer', 'train_lm', 'toy_corpus',
-           'resolve_device', 'load_lm', 'hub_cache_dir', 'export_to_hub_cache', 'text_hash', 'TokenStats',
+           'lr_at', 'train_rows_loop', 'fit_lm', 'lm_cache_dir', 'model_key', 'lm_path', 'shared_tokenizer', 'train_lm',
+           'toy_corpus', 'resolve_device', 'load_lm', 'hub_cache_dir', 'export_to_hub_cache', 'text_hash', 'TokenStats',
            'sliding_windows', 'VocabMismatchError', 'vocab_hash', 'check_same_vocab', 'model_context', 'token_stats',
            'model_identity', 'cached_token_stats', 'benchmark_token_stats', 'cli']
 
@@ -221,15 +221,54 @@ def _mean_nll(model, rows, batch_size:int=32)->float:
     return tot / n
 
 # %% ../nbs/20_lm.ipynb #fb789615
+def train_rows_loop(model, # a causal LM (trained in place, left in eval mode)
+                    rows, # [n, ctx] packed token rows
+                    sched, # anything with `lr`, `warmup`, `steps` (an LMSpec): the `lr_at` schedule
+                    batch_size:int, # rows per step
+                    weight_decay:float, # AdamW weight decay on matrices (not on vectors)
+                    seed:int, # seed of the data order (epochs reshuffled)
+                    desc:str="train", # progress-bar label
+                    progress:bool=True, # tqdm bar
+                   )->tuple[list, list, float]:
+    "The AdamW loop of reference LMs and fine-tunes: (losses, learning rates, wall seconds); call inside `_deterministic`."
+    import torch, torch.nn.functional as F
+    from tqdm.auto import tqdm
+    dev = next(model.parameters()).device
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=sched.lr, betas=(0.9, 0.95), eps=1e-8)
+    gen = torch.Generator().manual_seed(seed)
+    order, pos, losses, lrs = torch.randperm(len(rows), generator=gen), 0, [], []
+    t0 = time.perf_counter()
+    for step in tqdm(range(sched.steps), desc=desc, disable=not progress, mininterval=2):
+        idx = []
+        while len(idx) < batch_size:
+            if pos == len(order): order, pos = torch.randperm(len(rows), generator=gen), 0
+            take = min(batch_size - len(idx), len(order) - pos)
+            idx.extend(order[pos:pos+take].tolist()); pos += take
+        x = rows[idx].to(dev)
+        for g in opt.param_groups: g["lr"] = lr_at(step, sched)
+        logits = model(input_ids=x, use_cache=False).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(round(loss.item(), 5)); lrs.append(lr_at(step, sched))
+    wall = time.perf_counter() - t0
+    model.eval()
+    return losses, lrs, wall
+
 def fit_lm(spec:LMSpec, # what to train
            tokenizer, # the shared tokenizer (`train_tokenizer`)
            corpus:Corpus, # {domain: (train, heldout)}
            progress:bool=True, # show a tqdm bar
           ):
     "Train a fresh model for `spec` on `corpus`; returns (model, log dict). Deterministic given the arguments."
-    import torch, torch.nn.functional as F
+    import torch
     from transformers import AutoModelForCausalLM
-    from tqdm.auto import tqdm
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     enc = lambda ts: tokenizer(list(ts), add_special_tokens=False)["input_ids"] if len(ts) else []
     rows = {d: (pack_documents(enc(tr), spec.ctx, bos, eos), pack_documents(enc(ho), spec.ctx, bos, eos)) for d, (tr, ho) in corpus.items()}
@@ -237,31 +276,8 @@ def fit_lm(spec:LMSpec, # what to train
     if len(train_rows) == 0: raise InputError(f"corpus too small: no full {spec.ctx}-token row of training text")
     with _deterministic(spec.seed):
         model = AutoModelForCausalLM.from_config(hf_config(spec, bos, eos, tokenizer.pad_token_id))
-        model.train()
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                                lr=spec.lr, betas=(0.9, 0.95), eps=1e-8)
-        gen = torch.Generator().manual_seed(spec.seed)
-        order, pos, losses, lrs = torch.randperm(len(train_rows), generator=gen), 0, [], []
-        t0 = time.perf_counter()
-        for step in tqdm(range(spec.steps), desc=f"train {spec.name}", disable=not progress, mininterval=2):
-            idx = []
-            while len(idx) < spec.batch_size:
-                if pos == len(order): order, pos = torch.randperm(len(train_rows), generator=gen), 0
-                take = min(spec.batch_size - len(idx), len(order) - pos)
-                idx.extend(order[pos:pos+take].tolist()); pos += take
-            x = train_rows[idx]
-            for g in opt.param_groups: g["lr"] = lr_at(step, spec)
-            logits = model(input_ids=x, use_cache=False).logits
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            losses.append(round(loss.item(), 5)); lrs.append(lr_at(step, spec))
-        wall = time.perf_counter() - t0
-        model.eval()
+        losses, lrs, wall = train_rows_loop(model, train_rows, spec, spec.batch_size, spec.weight_decay, spec.seed,
+                                            desc=f"train {spec.name}", progress=progress)
         n_eval = max(1, spec.eval_tokens // spec.ctx)
         ppl = {split: {d: math.exp(_mean_nll(model, r[i][:n_eval])) if len(r[i]) else None for d, r in rows.items()}
                for i, split in enumerate(("train", "heldout"))}
