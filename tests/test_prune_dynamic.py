@@ -155,3 +155,59 @@ def test_loud_errors():
         with pytest.raises(ConfigError): TokenSelect(**bad)
     with pytest.raises(ConfigError): TidalDecode(top_k=0)
     assert set(SELECTORS.names()) >= {"tokenselect", "tidaldecode"}
+
+
+def tokenselect_loop(q, k, valid, k_sel, n_init, n_local):
+    "TokenSelect's published rule, one row at a time: the first n_init and last n_local real tokens, plus the top-k_sel"
+    " candidates by Σ_h softmax over the candidates of q_h·k_j (raw dot products, as the reference)."
+    B, Hq, _, D = q.shape; Hkv, N = k.shape[1], k.shape[2]; G = Hq // Hkv
+    out = []
+    for b in range(B):
+        real = [j for j in range(N) if valid is None or bool(valid[b, j])]
+        init, local = real[:n_init], [j for j in real[max(0, len(real) - n_local):] if j not in real[:n_init]]
+        cands = [j for j in real if j not in init and j not in local]
+        votes = {j: 0.0 for j in cands}
+        for h in range(Hq):
+            logits = [float(q[b, h, 0].double() @ k[b, h // G, j].double()) for j in cands]
+            if not logits: continue
+            m = max(logits); e = [math.exp(x - m) for x in logits]; z = sum(e)
+            for j, x in zip(cands, e): votes[j] += x / z
+        top = sorted(cands, key=lambda j: -votes[j])[:k_sel]
+        out.append(set(init) | set(top) | set(local))
+    return out
+
+
+def test_tokenselect_left_padding_by_loop():
+    "With left padding the sinks are each row's first real tokens; every row attends to exactly the loop's set, once."
+    g = torch.Generator().manual_seed(6)
+    B, Hq, Hkv, N, D = 3, 4, 2, 40, 8
+    q, k = torch.randn(B, Hq, 1, D, generator=g), torch.randn(B, Hkv, N, D, generator=g)
+    valid = torch.ones(B, N, dtype=torch.bool); valid[1, :9] = False; valid[2, :31] = False  # row 2: 9 real tokens only
+    sel = TokenSelect(k=5, n_init=3, n_local=4, selection_cache=False)
+    idx = sel.select(0, q, k, scale=1.0, valid=valid)
+    want = tokenselect_loop(q, k, valid, 5, 3, 4)
+    for b in range(B):
+        for h in range(Hkv):
+            got = [int(j) for j in idx[b, h] if j >= 0]
+            assert len(got) == len(set(got)), (b, h, got)  # no position twice (softmax would count it twice)
+            assert set(got) == want[b], (b, h, sorted(got), sorted(want[b]))
+    assert len(want[2]) == 9  # the short row attends to all of its real tokens: 3 + (2 of 5 candidates) + 4
+    # without padding the loop and the selector agree as well
+    idx = sel.select(0, q, k, scale=1.0)
+    assert [set(int(j) for j in idx[b, 0]) for b in range(B)] == tokenselect_loop(q, k, None, 5, 3, 4)
+
+
+def test_tokenselect_padded_row_decodes_as_alone():
+    "A left-padded row of a batch decodes the same tokens as that row alone: padding is never a sink, candidate or budget."
+    model = tiny("llama", layers=2)
+    g = torch.Generator().manual_seed(7)
+    long, short = torch.randint(1, VOCAB, (1, 60), generator=g), torch.randint(1, VOCAB, (1, 44), generator=g)
+    ids = torch.cat([long, torch.cat([torch.zeros(1, 16, dtype=torch.long), short], 1)])
+    am = torch.ones_like(ids); am[1, :16] = 0
+    mk = lambda: TokenSelect(k=6, n_init=2, n_local=4, selection_cache=False)
+    with dynamic_select(model, mk()) as ds:
+        both = generate(model, ids, am, n=8)
+    assert ds.stats["sparse"] > 0
+    with dynamic_select(model, mk()):
+        alone = generate(model, short, torch.ones_like(short), n=8)
+    assert torch.equal(both[1, 16:], alone[0]), (both[1, 16:].tolist(), alone[0].tolist())

@@ -84,10 +84,17 @@ class TokenSelect(DynamicSelector):
 
     def select(self, layer, q, k, *, scale, valid=None):
         B, Hkv, N, _ = k.shape
-        if self.n_init + self.k + self.n_local >= N:
+        n_real = N if valid is None else int(valid.sum(-1).max())  # tokens of the longest row (left padding excluded)
+        if self.n_init + self.k + self.n_local >= n_real:
             if self.dense_fallback: return None
             return torch.arange(N, device=k.device).expand(B, Hkv, N)
-        lo, hi = self.n_init, N - self.n_local
+        ar = torch.arange(N, device=k.device)
+        real = torch.ones(B, N, dtype=torch.bool, device=k.device) if valid is None else valid
+        rank = real.long().cumsum(-1) - 1  # position among the row's real tokens
+        init = real & (rank < self.n_init)  # the first n_init real tokens (not padding) ...
+        local = real & (rank >= real.sum(-1, keepdim=True) - self.n_local)  # ... and the last n_local: always attended
+        local = local & ~init  # a short row: the two windows overlap; attend each position once
+        cand = real & ~init & ~local
         fp = q.reshape(B, -1).float()
         hit = None
         if self.selection_cache and layer in self._cache:
@@ -96,17 +103,19 @@ class TokenSelect(DynamicSelector):
         if hit is not None and bool(hit.all()):
             top = top0; self.stats["reused"] += 1
         else:
-            votes = tokenselect_votes(q, k[:, :, lo:hi], None if valid is None else valid[:, lo:hi])
+            votes = tokenselect_votes(q, k, cand)  # each head's softmax runs over the candidates only
             if self.kernel_size > 1:
                 votes = torch.nn.functional.max_pool1d(votes[:, None], self.kernel_size, stride=1, padding=self.kernel_size // 2)[:, 0]
-            top = votes.topk(self.k, dim=-1).indices.sort(-1).values + lo
+            top = votes.masked_fill(~cand, -1.0).topk(min(self.k, N), dim=-1).indices
+            top = torch.where(cand.gather(1, top), top, -1).sort(-1).values  # a row with fewer candidates than k: -1 = none
             if hit is not None:  # rows whose query stayed similar keep their cached selection
                 top = torch.where(hit[:, None], top0, top); fp = torch.where(hit[:, None], fp0, fp)
                 self.stats["reused"] += int(hit.sum()) / B
             self._cache[layer] = (fp, top)
             self.stats["selections"] += 1
-        ar = torch.arange(N, device=k.device)
-        idx = torch.cat([ar[:lo].expand(B, -1), top, ar[hi:].expand(B, -1)], -1)
+        first = torch.where(init, ar, N).sort(-1).values[:, :self.n_init]
+        last = torch.where(local, ar, -1).sort(-1).values[:, N - self.n_local:]
+        idx = torch.cat([first.masked_fill(first == N, -1), top, last], -1)
         return idx[:, None].expand(B, Hkv, idx.shape[-1])
 
 # %% ../../nbs/44_prune.dynamic.ipynb #71e3442e
