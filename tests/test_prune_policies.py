@@ -360,7 +360,7 @@ def test_hooks_removed_on_error():
 
 
 def test_registry_complete():
-    assert set(POLICIES.names()) == {"h2o", "snapkv", "tova", "a2sf", "streaming_llm", "lazyllm", "random", "knorm", "pyramidkv", "prefixkv", "zipvl", "kvcrush", "elastic"}
+    assert set(POLICIES.names()) == {"h2o", "snapkv", "tova", "a2sf", "streaming_llm", "lazyllm", "random", "knorm", "pyramidkv", "prefixkv", "zipvl", "kvcrush", "elastic", "adakv"}
     for name in POLICIES.names():
         assert isinstance(make_policy(name, budget=0.5), PrunePolicy)
 
@@ -730,3 +730,343 @@ def test_layerwise_prefill_same_result_lower_peak(arch, name):
 def test_layerwise_refuses_allocators():
     with pytest.raises(ConfigError, match="layerwise=True"):
         evict(tiny("llama"), make_policy("prefixkv", budget=0.5), layerwise=True)
+
+
+# ---------------------------------------------------------------- AdaKV: per-head adaptive budgets inside evict (issue 17)
+def _kept_positions(ev_keys, full_keys):
+    "Per (batch, KV head): the prompt positions whose keys a compacted cache holds (exact match; zero rows are padding)."
+    B, H, K, _ = ev_keys.shape
+    out = {}
+    for b in range(B):
+        for h in range(H):
+            eq = (ev_keys[b, h, :, None, :] == full_keys[b, h, None, :, :]).all(-1)  # [K, N]
+            real = ev_keys[b, h].abs().sum(-1) > 0
+            assert (eq.sum(-1)[real] == 1).all() and eq[~real].sum() == 0
+            out[b, h] = sorted(int(eq[s].nonzero()[0, 0]) for s in range(K) if real[s])
+    return out
+
+
+def _ref_lm(name):
+    from tokexp.lm import train_lm, load_lm
+    m, tok = load_lm(str(train_lm(name, progress=False)), device="cpu")
+    return m.eval(), tok
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name,kw,every", [("adakv", {}, 0), ("adakv", {}, 3), ("pyramidkv", dict(adaptive_heads=True), 2),
+                                          ("h2o", dict(adaptive_heads=True), 3)])
+def test_adakv_budget_one_is_token_identical(arch, name, kw, every):
+    m = tiny(arch)
+    x = ids(50, seed=7, batch=2)
+    with torch.no_grad():
+        base = m.generate(x, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        with evict(m, make_policy(name, budget=1.0, **kw), every=every, force=True) as ev:
+            got = m.generate(x, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(base, got), (name, kw)
+    H = getattr(m.config, "num_key_value_heads", None) or m.config.n_head
+    assert all(e["entries"] == [2 * H * e["n_seen"]] * 2 for e in ev.events)  # every slot real: nothing padded
+
+
+@pytest.mark.parametrize("ref", ["ref-small", "ref-llama"])
+def test_adakv_budget_one_identical_on_reference_lms(ref):
+    from tokexp.prune.policies import prompt_ids
+    m, tok = _ref_lm(ref)
+    x = prompt_ids(tok, "The cat sees the moon at night. A dog likes a red apple again, and the bird sings in the tree.")
+    with torch.no_grad():
+        base = m.generate(x, max_new_tokens=12, do_sample=False)
+        with evict(m, make_policy("adakv", budget=1.0, window=8), every=4, force=True):
+            got = m.generate(x, max_new_tokens=12, do_sample=False)
+        with evict(m, make_policy("adakv", budget=0.4, window=8)) as ev:  # and a real eviction runs on the trained models
+            m.generate(x, max_new_tokens=4, do_sample=False)
+    assert torch.equal(base, got)
+    assert ev.events[0]["real_bytes_after"] < ev.events[0]["bytes_after"] <= ev.events[0]["bytes_before"]
+
+
+def _adakv_reference_keep(s, n_keep, window, alpha):
+    "Direct AdaKV: the window in every head, then the top H·(k−w) free scores (each head first its own top floor(α(k−w))), by loops."
+    B, H, N = s.shape
+    kf = n_keep - window
+    floor = int(alpha * kf)
+    out = []
+    for b in range(B):
+        free = {h: sorted(range(N - window), key=lambda j: -float(s[b, h, j])) for h in range(H)}
+        taken = {(h, j) for h in range(H) for j in free[h][:floor]}
+        rest = sorted(((float(s[b, h, j]), h, j) for h in range(H) for j in range(N - window) if (h, j) not in taken), reverse=True)
+        taken |= {(h, j) for _, h, j in rest[:H * kf - len(taken)]}
+        out.append([sorted([j for hh, j in taken if hh == h] + list(range(N - window, N))) for h in range(H)])
+    return out
+
+
+def test_adakv_each_head_keeps_its_counted_top_entries():
+    from tokexp.prune.budgets import adakv_head_counts
+    from tokexp.prune.policies import AdaKV
+    g = torch.Generator().manual_seed(11)
+    B, Hq, H, N, D = 2, 8, 4, 60, 16
+    q = torch.randn(B, Hq, 20, D, generator=g) * torch.tensor([0.3, 3.0, 0.5, 6.0, 1.0, 2.0, 4.0, 0.2]).view(1, Hq, 1, 1)
+    k = torch.randn(B, H, N, D, generator=g)
+    for n_keep, window, alpha in [(16, 4, 0.2), (24, 8, 0.0), (12, 2, 0.5)]:
+        pol = AdaKV(n_keep, window=window, ada_alpha=alpha)
+        k2, v2, idx, s = pol.prune(q, k, k)
+        want = _adakv_reference_keep(s, n_keep, window, alpha)
+        free = s.clone(); free[..., N - window:] = float("-inf")
+        counts = adakv_head_counts(free, n_keep - window, alpha)
+        for b in range(B):
+            for h in range(H):
+                row = [j for j in idx[b, h].tolist() if j >= 0]
+                assert row == want[b][h], (n_keep, b, h)
+                assert len(row) == int(counts[b, h]) + window
+                torch.testing.assert_close(k2[b, h, :len(row)], k[b, h, row])
+                assert (k2[b, h, len(row):] == 0).all()
+            assert sum(len([j for j in idx[b, h].tolist() if j >= 0]) for h in range(H)) == H * n_keep
+        assert len({int(c) for c in counts.flatten()}) > 1  # the allocation really is ragged here
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_adakv_cache_holds_each_heads_entries_and_counts_real_bytes(arch):
+    m = tiny(arch, layers=2)
+    x = ids(64, seed=3)
+    with torch.no_grad():
+        full = m(x, use_cache=True).past_key_values
+        with evict(m, make_policy("adakv", budget=0.25, window=4)) as ev:
+            out = m(x, use_cache=True)
+    cache = out.past_key_values
+    e = ev.events[0]
+    n_keep = 16
+    for li, l in enumerate(cache.layers):
+        H = l.keys.shape[1]
+        kept = _kept_positions(l.keys, full.layers[li].keys)
+        lens = [len(kept[0, h]) for h in range(H)]
+        assert sum(lens) == H * n_keep == e["entries"][li]  # exactly the layer's budget H·k, spread unevenly
+        assert l.keys.shape[2] == max(lens) == e["kept"][li]  # padded to the largest head
+        assert all(set(range(60, 64)) <= set(kept[0, h]) for h in range(H))  # the window in every head
+    assert e["bytes_after"] == kv_bytes(cache)  # the padded tensors are what is held
+    per_entry = 2 * cache.layers[0].keys.shape[-1] * cache.layers[0].keys.element_size()
+    assert e["real_bytes_after"] == sum(e["entries"]) * per_entry < e["bytes_after"]  # padding slots are held but not real
+
+
+def _attention_modules(m):
+    return [(li, mod, kind) for li, mod, kind in attention_layers(m)]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_adakv_decode_attention_equals_per_head_float64_loop(arch):
+    "A decode query's attention output: softmax over only its KV head's real slots, direct float64 loop."
+    m = tiny(arch, layers=2)
+    x = ids(48, seed=5)
+    caught = {}
+    layers = _attention_modules(m)
+    hs = []
+    for li, mod, kind in layers:
+        def pre(mod, args, kwargs, li=li, kind=kind):
+            h = kwargs.get("hidden_states", args[0] if args else None)
+            caught[li] = dict(hidden=h, pe=kwargs.get("position_embeddings"))
+        def post(mod, args, kwargs, out, li=li):
+            caught[li]["out"] = out[0]
+        hs += [mod.register_forward_pre_hook(pre, with_kwargs=True), mod.register_forward_hook(post, with_kwargs=True)]
+    try:
+        with torch.no_grad(), evict(m, make_policy("adakv", budget=0.3, window=4)):
+            pre_out = m(x, use_cache=True)
+            cache = pre_out.past_key_values
+            m(pre_out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+    finally:
+        for h in hs: h.remove()
+    ragged = False
+    for li, mod, kind in layers:
+        c = caught[li]
+        q = module_queries(mod, kind, c["hidden"], c["pe"]).double()  # [1, Hq, 1, D]
+        kk, vv = cache.layers[li].keys.double(), cache.layers[li].values.double()  # after the step: kept slots + the new token
+        Hq, H = q.shape[1], kk.shape[1]
+        G = Hq // H
+        real = kk.abs().sum(-1) > 0  # padded slots are zero rows
+        ragged |= len({int(real[0, h].sum()) for h in range(H)}) > 1
+        heads = []
+        for h in range(Hq):
+            slots = [s for s in range(kk.shape[2]) if real[0, h // G, s]]
+            logits = [float(q[0, h, 0] @ kk[0, h // G, s]) * mod.scaling for s in slots]
+            mx = max(logits); w = [math.exp(a - mx) for a in logits]; z = sum(w)
+            heads.append(sum(wi / z * vv[0, h // G, s] for wi, s in zip(w, slots)))
+        o = torch.cat(heads)[None, None]  # [1, 1, Hq·D]
+        if kind == "gpt2": ref = o @ mod.c_proj.weight.double() + mod.c_proj.bias.double()
+        else: ref = o @ mod.o_proj.weight.double().T
+        torch.testing.assert_close(c["out"].double(), ref, rtol=1e-4, atol=1e-5)
+    assert ragged
+
+
+def _masked_reference(m, x, steps, kept):
+    "Independent path: the full prompt cache, and per-layer per-head masks that hide each head's evicted prompt positions."
+    layers = _attention_modules(m)
+    N = x.shape[1]
+    state = {"t": 0}
+    hs = []
+    for li, mod, kind in layers:
+        def pre(mod, args, kwargs, li=li):
+            if state["t"] == 0: return None
+            B = x.shape[0]
+            H = max(h for _, h in kept[li]) + 1
+            hq = getattr(mod, "num_heads", None) or mod.config.num_attention_heads
+            allow = torch.ones(B, hq, 1, N + state["t"], dtype=torch.bool)
+            for h in range(hq):
+                prompt = torch.zeros(N, dtype=torch.bool); prompt[kept[li][0, h * H // hq]] = True
+                allow[0, h, 0, :N] = prompt
+            kwargs["attention_mask"] = allow
+            return args, kwargs
+        hs.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+    logits = []
+    try:
+        with torch.no_grad():
+            out = m(x, use_cache=True)
+            cache = out.past_key_values
+            for t, tok in enumerate(steps):
+                state["t"] = t + 1
+                o = m(tok.view(1, 1), past_key_values=cache, use_cache=True, position_ids=torch.tensor([[N + t]]))
+                logits.append(o.logits[:, -1])
+    finally:
+        for h in hs: h.remove()
+    return torch.stack(logits)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name,kw", [("adakv", dict(window=4)), ("pyramidkv", dict(adaptive_heads=True, window=4, kernel=1))])
+def test_adakv_decode_logits_equal_per_head_masked_full_cache(arch, name, kw):
+    m = tiny(arch, layers=3)
+    x = ids(60, seed=9)
+    steps = ids(6, seed=10)[0]
+    with torch.no_grad():
+        full = m(x, use_cache=True).past_key_values
+        full_keys = [l.keys.clone() for l in full.layers]
+        got = []
+        with evict(m, make_policy(name, budget=0.3, **kw)) as ev:
+            out = m(x, use_cache=True)
+            cache = out.past_key_values
+            kept = {li: _kept_positions(cache.layers[li].keys, full_keys[li]) for li in range(3)}
+            for tok in steps:
+                got.append(m(tok.view(1, 1), past_key_values=cache, use_cache=True).logits[:, -1])
+    assert any(len({len(v) for v in kept[li].values()}) > 1 for li in kept)  # ragged heads somewhere
+    ref = _masked_reference(m, x, steps, kept)
+    torch.testing.assert_close(torch.stack(got), ref, rtol=1e-4, atol=1e-4)
+    # the check has power: attending to every prompt position gives other logits
+    free = _masked_reference(m, x, steps, {li: {bh: list(range(60)) for bh in kept[li]} for li in kept})
+    assert (free - ref).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_adakv_later_evictions_keep_the_layer_budget(arch):
+    m = tiny(arch)
+    x = ids(40, seed=2, batch=2)
+    am = torch.ones_like(x); am[1, :5] = 0
+    with torch.no_grad(), evict(m, make_policy("h2o", budget=0.4, adaptive_heads=True), every=3) as ev:
+        out = m.generate(x, attention_mask=am, max_new_tokens=10, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    assert out.sequences.shape[1] == 50 and len(ev.events) == 4
+    H = out.past_key_values.layers[0].keys.shape[1]
+    for e in ev.events:
+        n_keep = math.ceil(0.4 * e["n_seen"])
+        for li in range(2):
+            assert e["entries"][li] == 2 * H * n_keep  # the layer budget H·k per row, spread over heads; row 1's padding stays out
+
+
+def test_adakv_bad_options_fail_with_a_fix():
+    with pytest.raises(ConfigError, match="per_head=True"): make_policy("tova", budget=0.5, adaptive_heads=True)
+    with pytest.raises(ConfigError, match="per_head=True"): make_policy("kvcrush", budget=0.5, adaptive_heads=True)
+    with pytest.raises(ConfigError, match="ada_alpha"): make_policy("adakv", budget=0.5, ada_alpha=1.5)
+    with pytest.raises(ConfigError, match="adaptive_heads must be"): make_policy("snapkv", budget=0.5, adaptive_heads="yes")
+    with pytest.raises(InputError, match="n_keep"):
+        from tokexp.prune.policies import adakv_select
+        adakv_select(torch.zeros(1, 2, 5), 6)
+    assert make_policy("adakv").adaptive_heads and make_policy("adakv").ada_alpha == 0.2 and make_policy("adakv").window == 32
+
+
+# ---------------------------------------------------------------- Elastic Cache as published: both stages (issue 17)
+def test_elastic_prefill_anchors_and_means_by_direct_loop():
+    "Frequency over all prompt queries averaged over heads, 4 start tokens and the last token kept, the rest merged into the nearest anchor."
+    from tokexp.prune.policies import ElasticCache
+    m = tiny("llama", impl="eager")
+    x = ids(40, seed=4)
+    n_keep = 14
+    with torch.no_grad():
+        full = m(x, use_cache=True, output_attentions=True)
+        with evict(m, ElasticCache(n_keep)) as ev:
+            out = m(x, use_cache=True)
+    for li in range(2):
+        A = full.attentions[li][0].double()  # [Hq, N, N]
+        imp = A.sum(1).mean(0).tolist()  # attention frequency, averaged over heads
+        forced = [0, 1, 2, 3, 39]
+        rest = sorted((j for j in range(40) if j not in forced), key=lambda j: -imp[j])[:n_keep - len(forced)]
+        idx = torch.tensor(sorted(forced + rest)).expand(1, 2, -1)
+        fk, fv = full.past_key_values.layers[li].keys, full.past_key_values.layers[li].values
+        torch.testing.assert_close(out.past_key_values.layers[li].keys.double(), _loop_merge(fk, idx), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out.past_key_values.layers[li].values.double(), _loop_merge(fv, idx), rtol=1e-5, atol=1e-6)
+    assert ev.events[0]["kept"] == [n_keep, n_keep]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("budget,distance,every", [(30, -25, 1), (12, -5, 1), (12, 3, 1), (0.5, -25, 1), (12, -5, 3)])
+def test_elastic_fixed_point_elimination_by_direct_loop(arch, budget, distance, every):
+    "Which entries survive T decode steps: a direct loop of the published rule on labels (anchors a_i, decoded tokens t_i)."
+    from tokexp.prune.policies import ElasticCache
+    m = tiny(arch)
+    N, T = 60, 10
+    x = ids(N, seed=6)
+    toks = ids(T, seed=8)[0]
+    pol = ElasticCache(budget, distance=distance)
+    with torch.no_grad(), evict(m, pol, every=every) as ev:
+        out = m(x, use_cache=True)
+        cache = out.past_key_values
+        Lc = cache.layers[0].keys.shape[2]
+        rows = {("a", i): [l.keys[:, :, i].clone() for l in cache.layers] for i in range(Lc)}
+        since = 0
+        for t, tok in enumerate(toks):
+            before = cache.layers[0].keys.shape[2]
+            m(tok.view(1, 1), past_key_values=cache, use_cache=True)
+            since += 1
+            # the new token's entry: the last slot whenever nothing after it was removed (always, as p < end)
+            rows["t", t] = [l.keys[:, :, -1].clone() for l in cache.layers]
+    # the direct loop: labels, append each new token, remove the entry at the truncation point while over the limit
+    lab = [("a", i) for i in range(Lc)]
+    p0 = distance if distance > 0 else Lc + distance
+    pending = 0
+    for t in range(T):
+        lab.append(("t", t)); pending += 1
+        if pending == every:
+            pending = 0
+            limit = budget if isinstance(budget, int) else math.ceil(budget * (N + t + 1))
+            while len(lab) > limit:
+                lab.pop(max(0, min(p0, len(lab) - 1)))
+    assert [l.keys.shape[2] for l in cache.layers] == [len(lab)] * 2
+    for li, l in enumerate(cache.layers):
+        want = torch.stack([rows[r][li] for r in lab], 2)
+        torch.testing.assert_close(l.keys, want)
+    if isinstance(budget, int) and every == 1: assert len(lab) == budget  # an int budget keeps the post-prefill size
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_elastic_budget_one_and_positions_after_decode_eliminations(arch):
+    from tokexp.prune.policies import ElasticCache
+    m = tiny(arch)
+    x = ids(50, seed=7, batch=2)
+    with torch.no_grad():
+        base = m.generate(x, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        with evict(m, ElasticCache(1.0), every=1):
+            same = m.generate(x, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(base, same)
+    # after prefill merging and 5 fixed-point eliminations the next token sits at position 55 (tokens seen), not the cache length
+    x = ids(50, seed=7)
+    kw = cache_keyword(m.forward, "forward")[0]
+    def last(**extra):
+        with torch.no_grad(), evict(m, ElasticCache(30, distance=-10), every=1):
+            c = getattr(m(x, use_cache=True), kw)
+            for t in ids(5, seed=3)[0]: m(t.view(1, 1), use_cache=True, **{kw: c})
+            assert c.layers[0].keys.shape[2] == 30
+            return m(x[:, -1:], use_cache=True, **{kw: c}, **extra).logits
+    auto = last()
+    torch.testing.assert_close(auto, last(position_ids=torch.tensor([[55]])))
+    assert not torch.allclose(auto, last(position_ids=torch.tensor([[30]])), atol=1e-4)
+
+
+def test_elastic_defaults_and_validation():
+    from tokexp.prune.policies import ElasticCache
+    p = ElasticCache()
+    assert (p.sinks, p.recent, p.per_head, p.distance) == (4, 1, False, -25) and not p.decode_scores
+    assert p.decode_select(31, 30, 30).tolist() == list(range(5)) + list(range(6, 31))
+    assert ElasticCache(distance=3).decode_select(13, 12, 12).tolist() == [0, 1, 2] + list(range(4, 13))
+    assert p.decode_select(30, 30, 30) is None
+    with pytest.raises(ConfigError, match="distance"): ElasticCache(distance=2.5)
