@@ -593,7 +593,7 @@ def test_kv_pruning_quality_template_runs_small(reports_tmp):
     "Every method family through the runner with tiny parameters: budget 1.0 identical, bytes measured, plots written."
     import json
     from tokexp.report import run_experiment
-    pols, sels = ["h2o", "snapkv", "pyramidkv", "prefixkv", "zipvl"], ["tokenselect", "tidaldecode"]
+    pols, sels = ["h2o", "snapkv", "pyramidkv", "prefixkv", "zipvl", "adakv"], ["tokenselect", "tidaldecode"]
     r = run_experiment("kv_pruning_quality", dict(models=["ref-llama"], policies=pols, selectors=sels, budgets=[0.5, 1.0], selector_budgets=[0.5, 1.0],
                                                   n_windows=4, prefix_len=40, cont_len=8, probe_trials=4, probe_segment=12,
                                                   probe_steps=10, batch_size=4), force=True, progress=False)
@@ -607,6 +607,7 @@ def test_kv_pruning_quality_template_runs_small(reports_tmp):
     kb = mm["kv_bytes_ratio_at_budget"]
     assert all(abs(kb[p] - 0.5) < 0.1 for p in ("h2o", "snapkv", "prefixkv")) and kb["tokenselect"] == 1.0 == kb["tidaldecode"]
     assert 0 < kb["zipvl"] <= 1
+    assert 0.5 - 0.02 <= kb["adakv"] <= 1.0  # AdaKV's measured bytes are its padded tensors: at least the budget
     assert set(m["copy_probe"]["acc_at_budget"]) == set(pols + sels)
     assert (r.path / "quality_vs_memory.png").exists() and (r.path / "ppl.csv").exists()
     reads_as_report(r.path / "kv_pruning_quality.ipynb")
