@@ -179,3 +179,18 @@ def test_kernel_compiles_for_sm90_ahead_of_time():
     r = subprocess.run([sys.executable, "-c", AOT], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-4000:]
     assert r.stdout.count(" ok") == 4, r.stdout
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "head_dim_slice", "seq_slice", "transposed"])
+def test_gather_rows_equals_advanced_indexing(layout):
+    "The torch path's row gather (index_select on a flattened view, or advanced indexing) reads exactly t[b, hk[h], pos]."
+    g = torch.Generator().manual_seed(SEED)
+    B, Hkv, N, D, Hq, K = 2, 3, 17, 5, 6, 7
+    base = torch.randn(B, Hkv, N + 4, D + 3, generator=g)
+    t = {"contiguous": base[:, :, :N, :D].contiguous(), "head_dim_slice": base[:, :, :N].contiguous()[..., :D],  # rows strided by D + 3: still one view
+         "seq_slice": base[:, :, 2:2 + N, :D], "transposed": base[:, :, :N, :D].contiguous().transpose(1, 2).contiguous().transpose(1, 2)}[layout]
+    for Hi in (Hkv, Hq):
+        pos = torch.randint(0, N, (B, Hi, K), generator=g)
+        hk = S._head_map(Hi, Hq, Hkv, t.device)[None, :, None]
+        want = t[torch.arange(B)[:, None, None], hk, pos]
+        assert torch.equal(S._gather_rows(t, pos, hk), want), (layout, Hi)

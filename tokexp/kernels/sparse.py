@@ -54,6 +54,15 @@ def _head_map(Hi, Hq, Hkv, device):
     "KV head of each index head: identity for per-KV-head sets, h // G for per-query-head sets."
     return torch.arange(Hi, device=device) * (Hq // Hi) // (Hq // Hkv)
 
+def _gather_rows(t, pos, hk):
+    "t[b, hk[h], pos[b, h, j]] as [B, Hi, K, D]: one index_select over the rows when t's first three dims flatten without a copy."
+    B, Hkv, N, D = t.shape
+    try: rows = t.view(-1, D)  # a view: no copy of the cache (a strided cache that cannot be viewed takes the general path)
+    except RuntimeError:
+        return t[torch.arange(B, device=t.device)[:, None, None], hk, pos]
+    flat = ((torch.arange(B, device=t.device)[:, None, None] * Hkv + hk) * N + pos).reshape(-1)
+    return rows.index_select(0, flat).view(*pos.shape, D)
+
 def sparse_decode_attention_torch(q:torch.Tensor, # [B, Hq, 1, D] (or [B, Hq, D]) the current query
                                   k:torch.Tensor, # [B, Hkv, N, D] cached keys
                                   v:torch.Tensor, # [B, Hkv, N, Dv] cached values
@@ -69,9 +78,8 @@ def sparse_decode_attention_torch(q:torch.Tensor, # [B, Hq, 1, D] (or [B, Hq, D]
     ok = idx >= 0
     safe = idx.clamp(min=0).long()
     if valid is not None: ok = ok & valid.gather(1, safe.view(B, -1)).view(B, Hi, K)
-    bi = torch.arange(B, device=q.device)[:, None, None]
     hk = _head_map(Hi, Hq, Hkv, q.device)[None, :, None]
-    ks, vs = k[bi, hk, safe].to(ct), v[bi, hk, safe].to(ct)  # [B, Hi, K, D], only the selected rows are read
+    ks, vs = _gather_rows(k, safe, hk).to(ct), _gather_rows(v, safe, hk).to(ct)  # [B, Hi, K, D], only the selected rows are read
     s = (q.to(ct).reshape(B, Hi, G2, D) @ ks.transpose(-1, -2)) * scale  # [B, Hi, G2, K]
     s = s.masked_fill(~ok[:, :, None], float("-inf"))
     p = torch.softmax(s, -1).nan_to_num(0.0)  # a head with no position: all -inf -> zeros
