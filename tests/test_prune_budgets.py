@@ -144,3 +144,20 @@ def test_allocator_validation():
     with pytest.raises(ConfigError, match="tau must be"): ZipVLBudget(1.5)
     assert set(BUDGETS.names()) == {"pyramidkv", "prefixkv", "zipvl"}
     assert {"pyramidkv", "prefixkv", "zipvl"} <= set(POLICIES.names())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_ada_pyramid_splits_each_layers_count_over_heads(arch):
+    "Ada-Pyramid: PyramidKV's per-layer counts, each split unevenly over the layer's KV heads (AdaKV), entries exact."
+    m = tiny(arch)
+    x = ids(90)
+    with torch.no_grad(), evict(m, make_policy("pyramidkv", budget=0.3, adaptive_heads=True)) as ev:
+        out = m(x, use_cache=True)
+        cache = getattr(out, ev._kw)
+        slots = [l.keys.shape[2] for l in cache.layers]
+    e = ev.events[0]
+    want = pyramid_counts(4, 27, 8, 20, 90)
+    H = cache.layers[0].keys.shape[1]
+    assert e["entries"] == [H * c for c in want]  # each layer keeps exactly H x its pyramid count
+    assert slots == e["kept"] and all(s >= c for s, c in zip(slots, want)) and any(s > c for s, c in zip(slots, want))
+    assert e["real_bytes_after"] < e["bytes_after"] == kv_bytes(cache)

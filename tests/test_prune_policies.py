@@ -1000,7 +1000,7 @@ def test_elastic_prefill_anchors_and_means_by_direct_loop():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("budget,distance,every", [(30, -25, 1), (12, -5, 1), (12, 3, 1), (0.5, -25, 1), (12, -5, 3)])
+@pytest.mark.parametrize("budget,distance,every", [(30, -25, 1), (12, -5, 1), (12, 3, 1), (0.5, -25, 1), (12, -5, 3), (12, -25, 1)])
 def test_elastic_fixed_point_elimination_by_direct_loop(arch, budget, distance, every):
     "Which entries survive T decode steps: a direct loop of the published rule on labels (anchors a_i, decoded tokens t_i)."
     from tokexp.prune.policies import ElasticCache
@@ -1023,7 +1023,7 @@ def test_elastic_fixed_point_elimination_by_direct_loop(arch, budget, distance, 
             rows["t", t] = [l.keys[:, :, -1].clone() for l in cache.layers]
     # the direct loop: labels, append each new token, remove the entry at the truncation point while over the limit
     lab = [("a", i) for i in range(Lc)]
-    p0 = distance if distance > 0 else Lc + distance
+    p0 = distance if distance > 0 else max(4, Lc + distance)  # a point counted back never reaches below the 4 start tokens
     pending = 0
     for t in range(T):
         lab.append(("t", t)); pending += 1
@@ -1068,6 +1068,7 @@ def test_elastic_defaults_and_validation():
     p = ElasticCache()
     assert (p.sinks, p.recent, p.per_head, p.distance) == (4, 1, False, -25) and not p.decode_scores
     assert p.decode_select(31, 30, 30).tolist() == list(range(5)) + list(range(6, 31))
+    assert p.decode_select(13, 12, 12).tolist() == [0, 1, 2, 3] + list(range(5, 13))  # 12 - 25 < 0: the start tokens stay
     assert ElasticCache(distance=3).decode_select(13, 12, 12).tolist() == [0, 1, 2] + list(range(4, 13))
     assert p.decode_select(30, 30, 30) is None
     with pytest.raises(ConfigError, match="distance"): ElasticCache(distance=2.5)

@@ -467,8 +467,9 @@ class ElasticCache(PrunePolicy):
     def decode_select(self, n_cache, n_keep, prefill_len):
         excess = n_cache - n_keep
         if excess <= 0: return None
-        p = self.distance if self.distance > 0 else prefill_len + self.distance
-        p = max(0, min(p, n_cache - excess))
+        hi = n_cache - excess
+        if self.distance > 0: p = min(self.distance, hi)
+        else: p = max(min(self.sinks, hi), min(prefill_len + self.distance, hi))  # never below the start tokens
         return torch.cat([torch.arange(p), torch.arange(p + excess, n_cache)])
 
 
