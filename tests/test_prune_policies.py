@@ -845,17 +845,13 @@ def test_adakv_cache_holds_each_heads_entries_and_counts_real_bytes(arch):
     assert e["real_bytes_after"] == sum(e["entries"]) * per_entry < e["bytes_after"]  # padding slots are held but not real
 
 
-def _attention_modules(m):
-    return [(li, mod, kind) for li, mod, kind in attention_layers(m)]
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_adakv_decode_attention_equals_per_head_float64_loop(arch):
     "A decode query's attention output: softmax over only its KV head's real slots, direct float64 loop."
     m = tiny(arch, layers=2)
     x = ids(48, seed=5)
     caught = {}
-    layers = _attention_modules(m)
+    layers = attention_layers(m)
     hs = []
     for li, mod, kind in layers:
         def pre(mod, args, kwargs, li=li, kind=kind):
@@ -895,7 +891,7 @@ def test_adakv_decode_attention_equals_per_head_float64_loop(arch):
 
 def _masked_reference(m, x, steps, kept):
     "Independent path: the full prompt cache, and per-layer per-head masks that hide each head's evicted prompt positions."
-    layers = _attention_modules(m)
+    layers = attention_layers(m)
     N = x.shape[1]
     state = {"t": 0}
     hs = []
