@@ -164,3 +164,11 @@ def test_watermark_running_test_direct(tiny_lm):
         assert a["z"][t] == pytest.approx((G - 0.25 * n) / np.sqrt(n * 0.25 * 0.75))
     assert not a["scored"][0]
     assert a["p_value"][-1] == pytest.approx(detect(wm, [ids])["p_value"][0])
+
+
+def test_classify_kept_ignores_adakv_padding():
+    "AdaKV's ragged heads are padded with -1: a padded slot must not mark the last position as kept."
+    import numpy as np
+    from tokexp.viz import classify_kept
+    c = classify_kept(np.array([[0, 2, 5], [1, 3, -1]]), 6)
+    assert c[0].tolist() == [1, 0, 1, 0, 0, 1] and c[1].tolist() == [0, 1, 0, 1, 0, 0]

@@ -703,7 +703,7 @@ def classify_kept(idx:np.ndarray, # [H, K] kept positions per head
     out = np.zeros((H, N), np.int64)
     pos = np.arange(N)
     for h in range(H):
-        out[h, idx[h]] = 1
+        out[h, idx[h][idx[h] >= 0]] = 1  # AdaKV pads shorter heads with -1
     kept = out > 0
     out[kept & (pos[None] >= N - recent)] = 3 if recent else out[kept & (pos[None] >= N - recent)]
     out[kept & (pos[None] < sinks)] = 2
