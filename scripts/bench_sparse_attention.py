@@ -8,6 +8,8 @@ Methods:
             grouped matmul (q viewed as [B, Hkv, G, D] against K once, fp32 softmax, @ V) — the baseline
   torch     `sparse_decode_attention(impl="torch")`: gathers the selected K/V rows (a copy), fp32 softmax
   triton    `sparse_decode_attention(impl="triton")`: gather + online softmax inside the kernel, split-K merge (CUDA only)
+Both sparse paths are called as `tokexp.prune.dynamic` calls them, with `check_range=False` (the positions are in range by
+construction; the host-side bounds check would add a device sync per call on CUDA).
 Timing: all methods of one N are timed side by side, alternating (one call of each per round, `repeats` rounds after a
 warm-up); reported is the median of CUDA-event times on GPU and, on CPU, the minimum over rounds of the calling thread's
 CPU time (`time.thread_time`, with one torch thread: on a shared, oversubscribed machine wall time mostly measures the
@@ -137,7 +139,7 @@ def run(profile="cpu", ns=None, fracs=None, methods=None, dtype=None, B=None, Hq
             idx = torch.stack([torch.randperm(N, generator=g)[:K] for _ in range(B * Hkv)]).view(B, Hkv, K).to(dev)
             sets[frac] = (K, idx)
             for m in methods:
-                fns[(frac, m)] = (lambda idx=idx, m=m: sparse_decode_attention(q, k, v, idx, impl=m))
+                fns[(frac, m)] = (lambda idx=idx, m=m: sparse_decode_attention(q, k, v, idx, impl=m, check_range=False))
         ms = time_side_by_side(fns, dev, cfg["repeats"])
         dense_impl = min(("dense_sdpa", "dense_grouped"), key=lambda n: ms[n])
         t_dense = ms[dense_impl]

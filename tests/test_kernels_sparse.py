@@ -194,3 +194,14 @@ def test_gather_rows_equals_advanced_indexing(layout):
         hk = S._head_map(Hi, Hq, Hkv, t.device)[None, :, None]
         want = t[torch.arange(B)[:, None, None], hk, pos]
         assert torch.equal(S._gather_rows(t, pos, hk), want), (layout, Hi)
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=kernel)])
+def test_check_range_off_same_result(impl):
+    "check_range=False (what the dynamic selectors use) gives the same output; the default still refuses out-of-range positions."
+    q, k, v, idx, valid = inputs(SEED, 2, 4, 2, 23, 16, 16, 7, torch.float32)
+    a = sparse_decode_attention(q, k, v, idx, impl=impl)
+    b = sparse_decode_attention(q, k, v, idx, impl=impl, check_range=False)
+    assert torch.equal(a, b)
+    bad = idx.clone(); bad[0, 0, 0] = 23
+    with pytest.raises(InputError, match="N=23"): sparse_decode_attention(q, k, v, bad, impl=impl)

@@ -70,9 +70,10 @@ def sparse_decode_attention_torch(q:torch.Tensor, # [B, Hq, 1, D] (or [B, Hq, D]
                                   *, scale:float|None=None, # softmax scale; default 1/sqrt(D)
                                   valid:torch.Tensor|None=None, # [B, N] bool, False = padding (never attended)
                                   impl:str="auto", # ignored (same signature as `sparse_decode_attention`)
+                                  check_range:bool=True, # check idx < N on the host (out of range positions would fail in the gather anyway)
                                  )->torch.Tensor:
     "Attention output [B, Hq, 1, Dv] of the query over the positions `idx` (gather, fp32 softmax)."
-    q, B, Hq, Hkv, Hi, N, K, D, Dv, scale = _check_sparse(q, k, v, idx, valid, scale, impl)
+    q, B, Hq, Hkv, Hi, N, K, D, Dv, scale = _check_sparse(q, k, v, idx, valid, scale, impl, check_range)
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     G2 = Hq // Hi
     ok = idx >= 0
@@ -190,11 +191,12 @@ def sparse_decode_attention(q:torch.Tensor, # [B, Hq, 1, D] (or [B, Hq, D]) the 
                             valid:torch.Tensor|None=None, # [B, N] bool, False = padding (never attended)
                             impl:str="auto", # "auto" (Triton on CUDA, else torch), "triton" or "torch"
                             splits:int|None=None, # split each index list over this many programs (Triton; None: automatic)
+                            check_range:bool=True, # check idx < N on the host (a device sync on CUDA); False only for positions known to be in range
                            )->torch.Tensor:
     "Attention output [B, Hq, 1, Dv] of the current query over the key positions `idx`, without a gathered K/V copy (Triton)."
-    q4, B, Hq, Hkv, Hi, N, K, D, Dv, scale = _check_sparse(q, k, v, idx, valid, scale, impl)
+    q4, B, Hq, Hkv, Hi, N, K, D, Dv, scale = _check_sparse(q, k, v, idx, valid, scale, impl, check_range)
     if impl == "auto": impl = "triton" if (q.is_cuda and _triton_ready(q4) is None) else "torch"
-    if impl == "torch": return sparse_decode_attention_torch(q4, k, v, idx, scale=scale, valid=valid)
+    if impl == "torch": return sparse_decode_attention_torch(q4, k, v, idx, scale=scale, valid=valid, check_range=False)  # checked above
     if why := _triton_ready(q4): raise ConfigError(f"impl='triton' cannot run here: {why}. Use impl='torch' (or 'auto').")
     if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int) or splits < 1):
         raise InputError(f"splits must be None or an int >= 1, got {splits!r}")
