@@ -10,8 +10,8 @@ Methods:
   triton    `sparse_decode_attention(impl="triton")`: gather + online softmax inside the kernel, split-K merge (CUDA only)
 Both sparse paths are called as `tokexp.prune.dynamic` calls them, with `check_range=False` (the positions are in range by
 construction; the host-side bounds check would add a device sync per call on CUDA).
-Timing: all methods of one N are timed side by side, alternating (one call of each per round, `repeats` rounds after a
-warm-up); reported is the median of CUDA-event times on GPU and, on CPU, the minimum over rounds of the calling thread's
+Timing: all methods of one N are timed side by side, alternating (per round the dense calls, then each sparse call once
+in a shuffled order; `repeats` rounds after a warm-up); reported is the median of CUDA-event times on GPU and, on CPU, the minimum over rounds of the calling thread's
 CPU time (`time.thread_time`, with one torch thread: on a shared, oversubscribed machine wall time mostly measures the
 wait for a core; with more threads, wall time).
 Correctness: max abs difference to fp32 dense attention with the unselected keys masked out (grouped, no K/V repeat);
@@ -27,7 +27,7 @@ Usage:
   ... --n 4096,32768 --frac 0.01,0.1 --repeats 3 --json out.json
 No GPU was lent while this was written: the CUDA numbers have not been measured; the kernel is tested in the interpreter.
 """
-import argparse, json, math, statistics, sys, time
+import argparse, json, math, random, statistics, sys, time
 from pathlib import Path
 
 import torch
@@ -56,14 +56,17 @@ def cpu_clock():
     return ("thread_cpu", time.thread_time) if torch.get_num_threads() == 1 else ("wall", time.perf_counter)
 
 
-def time_side_by_side(fns, dev, repeats):
-    "{name: ms}: one warm-up call each, then `repeats` rounds calling every fn once (alternating); min on CPU, median on CUDA."
+def time_side_by_side(fns, dev, repeats, seed=0, first=()):
+    "{name: ms}: one warm-up call each, then `repeats` rounds calling every fn once: `first` in order, the rest shuffled; min on CPU, median on CUDA."
     for fn in fns.values(): fn()
     _sync(dev)
     clock = cpu_clock()[1]
     ts = {name: [] for name in fns}
+    rest, rng = [n for n in fns if n not in first], random.Random(seed)
     for _ in range(repeats):
-        for name, fn in fns.items():
+        rng.shuffle(rest)  # no sparse call always runs right after the dense ones (or last)
+        for name in [*first, *rest]:
+            fn = fns[name]
             if dev.type == "cuda":
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record(); fn(); b.record(); torch.cuda.synchronize(dev); ts[name].append(a.elapsed_time(b))
@@ -140,7 +143,7 @@ def run(profile="cpu", ns=None, fracs=None, methods=None, dtype=None, B=None, Hq
             sets[frac] = (K, idx)
             for m in methods:
                 fns[(frac, m)] = (lambda idx=idx, m=m: sparse_decode_attention(q, k, v, idx, impl=m, check_range=False))
-        ms = time_side_by_side(fns, dev, cfg["repeats"])
+        ms = time_side_by_side(fns, dev, cfg["repeats"], seed=seed + N, first=("dense_sdpa", "dense_grouped"))  # dense first: evicts the caches
         dense_impl = min(("dense_sdpa", "dense_grouped"), key=lambda n: ms[n])
         t_dense = ms[dense_impl]
         read, extra = memory_model("dense", B, Hq, Hkv, N, N, D, q.element_size())
