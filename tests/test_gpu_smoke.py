@@ -9,7 +9,7 @@ from tokexp.core import ConfigError, load_settings, read_json
 # templates run the same code under every profile and are covered by their cpu runs
 SMOKE = ["env_report", "reference_lms", "kv_pruning_quality", "importance_kernel_benchmark", "detector_benchmark",
          "membership_benchmark", "watermark_benchmark", "encoder_pruning", "kv_long_context", "alignment_shift",
-         "lm_inversion", "selfcheck", "output_signatures"]
+         "lm_inversion", "selfcheck", "output_signatures", "sparse_attention_benchmark"]
 
 def test_overrides_from(tmp_path, monkeypatch):
     "A profile with `overrides_from = cpu` takes [cpu:NAME] first, then its own [profile:NAME]; unknown bases are refused."

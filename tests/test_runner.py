@@ -139,6 +139,7 @@ REPORTS_SMALL = {
     "mixture_inference": dict(langs=["en", "de", "ru"], n_trials=1, train_bytes=200_000, n_merges=60, sample_bytes=30_000,
                               real_tokenizers=["gpt2"], real_max_bytes=20_000),
     "importance_kernel_benchmark": dict(nks=[64, 128], repeats=1),
+    "sparse_attention_benchmark": dict(ns=[256, 512], fracs=[0.05, 0.2], repeats=1, heads=[4, 2], head_dim=32),
     "reference_lms": dict(models=["ref-small"], max_steps=20, n_eval=8, n_samples=1, sample_tokens=8, bench_texts=4),
     "membership_benchmark": dict(max_steps=20, domains=["fortunes"], n_per_class=30, ref_steps=10, freq_chars=30000,
                                  overfit_members=20, overfit_steps=20, n_boot=100),
