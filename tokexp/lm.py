@@ -229,11 +229,13 @@ def train_rows_loop(model, # a causal LM (trained in place, left in eval mode)
                     seed:int, # seed of the data order (epochs reshuffled)
                     desc:str="train", # progress-bar label
                     progress:bool=True, # tqdm bar
+                    lr_fn=None, # step -> learning rate (default: `lr_at(step, sched)`, warm-up then cosine)
                    )->tuple[list, list, float]:
     "The AdamW loop of reference LMs and fine-tunes: (losses, learning rates, wall seconds); call inside `_deterministic`."
     import torch, torch.nn.functional as F
     from tqdm.auto import tqdm
     dev = next(model.parameters()).device
+    lr_of = lr_fn or (lambda step: lr_at(step, sched))
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -249,14 +251,14 @@ def train_rows_loop(model, # a causal LM (trained in place, left in eval mode)
             take = min(batch_size - len(idx), len(order) - pos)
             idx.extend(order[pos:pos+take].tolist()); pos += take
         x = rows[idx].to(dev)
-        for g in opt.param_groups: g["lr"] = lr_at(step, sched)
+        for g in opt.param_groups: g["lr"] = lr_of(step)
         logits = model(input_ids=x, use_cache=False).logits
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(round(loss.item(), 5)); lrs.append(lr_at(step, sched))
+        losses.append(round(loss.item(), 5)); lrs.append(lr_of(step))
     wall = time.perf_counter() - t0
     model.eval()
     return losses, lrs, wall

@@ -13,11 +13,12 @@ from typing import Sequence
 # %% auto #0
 __all__ = ['TASKS', 'KVLONG', 'KVLONG_VERSION', 'make_key', 'needle_text', 'query_text', 'passage_text', 'repeat_text',
            'TaskConfig', 'Haystack', 'LongInstance', 'value_sampler', 'hay_is_start', 'make_instance', 'task_instances',
-           'kvlong_dir', 'training_documents', 'train_kvlong']
+           'kvlong_dir', 'training_document', 'training_documents', 'warmup_rows', 'train_kvlong']
 
 # %% ../../nbs/47_prune.longctx.ipynb #9d34ff4e
 from ..core import ConfigError, InputError, stable_hash, load_settings, write_json, read_json, environment_info
-from ..lm import LMSpec, lm_split, fit_lm, train_tokenizer, _atomic_dir, _quiet_transformers
+from ..lm import (LMSpec, lm_split, train_tokenizer, pack_documents, train_rows_loop, hf_config, _deterministic, _mean_nll,
+                       _atomic_dir, _quiet_transformers)
 
 # %% ../../nbs/47_prune.longctx.ipynb #7bbb3444
 TASKS = ("needle", "multikey", "copy", "continuation")  # the long-context tasks
@@ -35,19 +36,33 @@ def repeat_text(key:str)->str: return f" Repeat passage {key}:"
 # %% ../../nbs/47_prune.longctx.ipynb #fae31151
 @dataclass(frozen=True)
 class TaskConfig:
-    "What the long-context documents look like."
+    "What the long-context documents look like, and the training curriculum of the LM that reads them."
     domain: str = "fortunes" # haystack domain of `tokexp.lm.lm_split`
     n_keys: int = 4 # multikey: planted keys in an evaluation instance
     max_train_keys: int = 8 # multikey: training documents plant 2..max_train_keys keys
     copy_len: int = 16 # copy: tokens of the span to repeat
     cont_len: int = 32 # continuation: scored tokens
     mix: tuple = (("needle", 0.3), ("multikey", 0.3), ("copy", 0.3), ("continuation", 0.1)) # training mixture
+    copy_train_len: tuple = (8, 40) # copy: span lengths of training documents (min, max tokens)
+    repeat_share: float = 0.2 # share of training documents that repeat a random token sequence (keeps induction alive)
+    repeat_period: tuple = (8, 32) # period range (tokens) of the repeated random sequences
+    warm_steps: int = 1500 # induction warm-up: steps on repeated random-token rows before the task mixture (0: none)
+    warm_len: int = 128 # warm-up row length (tokens, BOS/EOS included)
+    warm_batch: int = 16 # warm-up rows per step
+    warm_lr: float = 1e-3 # warm-up learning rate (constant after 50 linear warm-up steps)
     def __post_init__(self):
         if self.n_keys < 1 or self.max_train_keys < 2: raise ConfigError(f"n_keys >= 1 and max_train_keys >= 2 required, got {self.n_keys}, {self.max_train_keys}")
         if self.copy_len < 1 or self.cont_len < 1: raise ConfigError(f"copy_len and cont_len must be >= 1, got {self.copy_len}, {self.cont_len}")
         bad = [t for t, _ in self.mix if t not in TASKS]
         if bad: raise ConfigError(f"unknown tasks {bad} in mix; valid: {TASKS}")
+        for name in ("copy_train_len", "repeat_period"):
+            lo, hi = getattr(self, name)
+            if not (1 <= lo <= hi): raise ConfigError(f"{name} must be (min, max) with 1 <= min <= max, got {getattr(self, name)!r}")
+        if not (0 <= self.repeat_share < 1): raise ConfigError(f"repeat_share must be in [0, 1), got {self.repeat_share!r}")
+        if self.warm_steps < 0 or self.warm_len < 8 or self.warm_batch < 1 or self.warm_lr <= 0:
+            raise ConfigError(f"warm_steps >= 0, warm_len >= 8, warm_batch >= 1 and warm_lr > 0 required, got {self.warm_steps}, {self.warm_len}, {self.warm_batch}, {self.warm_lr}")
         object.__setattr__(self, "mix", tuple(tuple(m) for m in self.mix))
+        object.__setattr__(self, "copy_train_len", tuple(self.copy_train_len)); object.__setattr__(self, "repeat_period", tuple(self.repeat_period))
 
 # %% ../../nbs/47_prune.longctx.ipynb #0627801d
 class Haystack:
@@ -171,10 +186,10 @@ def _haystack(tok, texts):
     return _HAY[key]
 
 # %% ../../nbs/47_prune.longctx.ipynb #262a4654
-KVLONG = LMSpec("kvlong", arch="llama", n_kv_heads=2, d_ff=384, ctx=256, vocab_size=1024, domains=("fortunes",), steps=200,
-                batch_size=8, lr=3e-3, warmup=20, eval_tokens=4096,
+KVLONG = LMSpec("kvlong", arch="llama", n_kv_heads=2, d_ff=384, ctx=256, vocab_size=1024, domains=("fortunes",), steps=3000,
+                batch_size=8, lr=1e-3, warmup=150, eval_tokens=4096,
                 description="Llama architecture, 2 layers, d=128, ctx 256, trained on long-context retrieval documents (tokexp.prune.longctx)")
-KVLONG_VERSION = 1  # bump when the document recipe changes (changes every cache key)
+KVLONG_VERSION = 2  # bump when the document recipe or the curriculum changes (changes every cache key)
 
 def kvlong_dir(spec:LMSpec=KVLONG, cfg:TaskConfig=TaskConfig(), cache_dir:str|Path|None=None)->Path:
     "Where the long-context LM of `spec` (trained on `cfg`'s documents) is cached."
@@ -183,40 +198,104 @@ def kvlong_dir(spec:LMSpec=KVLONG, cfg:TaskConfig=TaskConfig(), cache_dir:str|Pa
     key = stable_hash(dict(spec=spec.hashable(), cfg=asdict(cfg), v=KVLONG_VERSION, transformers=transformers.__version__.split(".")[0]))
     return base / "kvlong" / f"{spec.name}-{key}"
 
-def training_documents(tok, spec:LMSpec, cfg:TaskConfig, split:str="train", n:int|None=None, seed:int|None=None)->list[str]:
-    "`n` (default steps × batch) document texts of `spec.ctx − 2` tokens, drawn from the task mixture on `split`."
+def _place(hay, rng, length, pieces):
+    "Haystack of `length` ids with `pieces` [(fraction, ids)] inserted in order at the word boundaries nearest their fractions."
+    n_hay = length - sum(len(p) for _, p in pieces)
+    if n_hay < 1: return None
+    h = hay.piece(rng, n_hay)
+    starts = [j for j in range(n_hay + 1) if j == n_hay or hay_is_start(hay, h[j])]
+    out, last = [], 0
+    for f, p in sorted(pieces, key=lambda e: e[0]):
+        b = max(last, min(starts, key=lambda s: abs(s - f * n_hay)))
+        out += h[last:b] + p; last = b
+    return out + h[last:]
+
+def training_document(tok, hay:Haystack, kind:str, length:int, rng:random.Random, cfg:TaskConfig, values)->list[int]|None:
+    "One training document of `length` ids: facts with their questions answered later (needle / multikey), a copied span, plain text, or a repeated random sequence; None when it does not re-tokenize."
+    if not hasattr(hay, "_start_ids"): hay._start_ids = {hay.ids[j] for j in hay.cuts}
+    if kind == "repeat":
+        seq = [rng.randrange(3, len(tok)) for _ in range(rng.randint(*cfg.repeat_period))]  # ids 0-2: specials
+        return (seq * (length // len(seq) + 1))[:length]
+    if kind in ("needle", "multikey"):
+        m = 1 if kind == "needle" else rng.randint(2, cfg.max_train_keys)
+        keys = []
+        while len(keys) < m:
+            k = make_key(rng)
+            if k not in keys: keys.append(k)
+        pieces = []
+        for k in keys:
+            v, a = values(rng), rng.random()
+            pieces += [(a, _enc(tok, needle_text(k, v))), (rng.uniform(a, 1.0) + 1e-9, _enc(tok, query_text(k)) + _enc(tok, f" {v}."))]
+        ids = _place(hay, rng, length, pieces)
+    elif kind == "copy":
+        key, span, a = make_key(rng), hay.piece(rng, rng.randint(*cfg.copy_train_len)), rng.random() * 0.6
+        ids = _place(hay, rng, length, [(a, _enc(tok, passage_text(key)) + span), (rng.uniform(a, 1.0) + 1e-9, _enc(tok, repeat_text(key)) + span)])
+    else:
+        ids = hay.piece(rng, length)
+    if ids is None or len(ids) != length or _enc(tok, tok.decode(ids)) != ids: return None
+    return ids
+
+def training_documents(tok, spec:LMSpec, cfg:TaskConfig, split:str="train", n:int|None=None, seed:int|None=None)->list[list[int]]:
+    "`n` (default steps × batch) documents (token ids) of `spec.ctx − 2` tokens: the task mixture on `split` plus `repeat_share` repeated random sequences."
     n = spec.steps * spec.batch_size if n is None else n
     tr, ho = lm_split(cfg.domain)
     hay, values = Haystack(tok, tr if split == "train" else ho), value_sampler(tok)
-    rng = random.Random(stable_hash(dict(seed=spec.seed if seed is None else seed, split=split, docs=True)))
+    rng = random.Random(stable_hash(dict(seed=spec.seed if seed is None else seed, split=split, docs=True, v=KVLONG_VERSION)))
     names, weights = zip(*cfg.mix)
     docs, fails = [], 0
     while len(docs) < n:
-        t = rng.choices(names, weights)[0]
-        try: inst = make_instance(tok, hay, t, spec.ctx - 2, rng, cfg, values, n_keys=rng.randint(2, cfg.max_train_keys) if t == "multikey" else None)
-        except ConfigError: inst = None  # too many keys for a short context: draw again
-        if inst is not None: docs.append(tok.decode(inst.prompt[1:] + inst.answer))
+        kind = "repeat" if rng.random() < cfg.repeat_share else rng.choices(names, weights)[0]
+        ids = training_document(tok, hay, kind, spec.ctx - 2, rng, cfg, values)
+        if ids is not None: docs.append(ids)
         else:
             fails += 1
             if fails > 20 * n + 100: raise InputError(f"only {len(docs)} of {n} documents of {spec.ctx - 2} tokens could be built; raise ctx or lower max_train_keys")
     return docs
 
+def warmup_rows(cfg:TaskConfig, vocab_size:int, bos:int, eos:int, n:int, seed:int=0):
+    "[n, warm_len] rows, each a random token sequence (period in `cfg.repeat_period`) repeated to fill the row: induction is the only way to predict them."
+    import torch
+    rng, L = random.Random(stable_hash(dict(seed=seed, warm=True))), cfg.warm_len - 2
+    docs = []
+    for _ in range(n):
+        seq = [rng.randrange(3, vocab_size) for _ in range(rng.randint(*cfg.repeat_period))]
+        docs.append((seq * (L // len(seq) + 1))[:L])
+    return pack_documents(docs, cfg.warm_len, bos, eos)
+
 def train_kvlong(spec:LMSpec=KVLONG, # the model to train
-                 cfg:TaskConfig=TaskConfig(), # task formats of the training documents
+                 cfg:TaskConfig=TaskConfig(), # task formats of the training documents and the curriculum
                  force:bool=False, # retrain even if cached
                  cache_dir:str|Path|None=None, # default: settings.ini cache_dir
                  progress:bool=True, # tqdm bar
                 )->Path:
     "Train (or find in the cache) the long-context reference LM; returns its folder (load it with `tokexp.lm.load_lm`)."
+    import math, torch
+    from transformers import AutoModelForCausalLM
     path = kvlong_dir(spec, cfg, cache_dir)
     if (path / "train_log.json").exists() and not force: return path
     tr, _ = lm_split(cfg.domain)
     r = random.Random(spec.seed)
     seeds = [needle_text(make_key(r), str(r.randrange(10000, 100000))) + query_text(make_key(r)) for _ in range(2000)]
     tok = train_tokenizer(list(tr) + seeds, spec.vocab_size)
-    corpus = {"kvlong": (training_documents(tok, spec, cfg, "train"), training_documents(tok, spec, cfg, "heldout", n=max(8, spec.eval_tokens // spec.ctx)))}
-    model, log = fit_lm(spec, tok, corpus, progress=progress)
-    log.update(task_config=asdict(cfg), key=path.name, env=environment_info(("torch", "transformers", "tokenizers", "numpy")))
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    rows = pack_documents(training_documents(tok, spec, cfg, "train"), spec.ctx, bos, eos)
+    held = pack_documents(training_documents(tok, spec, cfg, "heldout", n=max(8, spec.eval_tokens // spec.ctx)), spec.ctx, bos, eos)
+    with _deterministic(spec.seed):
+        model = AutoModelForCausalLM.from_config(hf_config(spec, bos, eos, tok.pad_token_id))
+        warm_loss, warm_s = [], 0.0
+        if cfg.warm_steps:
+            warm = warmup_rows(cfg, spec.vocab_size, bos, eos, cfg.warm_steps * cfg.warm_batch, spec.seed)
+            warm_loss, _, warm_s = train_rows_loop(model, warm, replace(spec, steps=cfg.warm_steps, lr=cfg.warm_lr), cfg.warm_batch,
+                                                   spec.weight_decay, spec.seed, desc=f"warm-up {spec.name}", progress=progress,
+                                                   lr_fn=lambda s: cfg.warm_lr * min(1.0, (s + 1) / 50))
+        losses, lrs, wall = train_rows_loop(model, rows, spec, spec.batch_size, spec.weight_decay, spec.seed, desc=f"train {spec.name}", progress=progress)
+        n_eval = max(1, spec.eval_tokens // spec.ctx)
+        ppl = {"train": math.exp(_mean_nll(model, rows[:n_eval])), "heldout": math.exp(_mean_nll(model, held[:n_eval]))}
+    log = {"name": spec.name, "spec": spec.hashable(), "n_params": sum(p.numel() for p in model.parameters()), "steps": spec.steps,
+           "loss": losses, "lr": lrs, "warm_steps": cfg.warm_steps, "warm_loss": warm_loss, "train_seconds": round(warm_s + wall, 2),
+           "tokens_per_second": round(spec.steps * spec.tokens_per_step / wall, 1), "train_rows": len(rows),
+           "train_ppl": {"kvlong": ppl["train"]}, "heldout_ppl": {"kvlong": ppl["heldout"]}, "torch_threads": torch.get_num_threads(),
+           "task_config": asdict(cfg), "key": path.name, "env": environment_info(("torch", "transformers", "tokenizers", "numpy"))}
     with _atomic_dir(path, force=force) as tmp, _quiet_transformers():
         model.save_pretrained(tmp); tok.save_pretrained(tmp); write_json(tmp / "train_log.json", log)
     return path
