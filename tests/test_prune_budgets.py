@@ -45,14 +45,18 @@ def test_pyramid_counts_follow_the_reference_formula():
 
 
 def _brute_prefix(imps, total):
-    "Every candidate threshold (each layer's cumulative sums), counts by a direct scan, the largest that fits."
+    """Every threshold where some layer's count can change, counts by a direct scan, the largest p <= 1 that fits.
+
+    A layer's count at p is the shortest prefix whose cumulative sum reaches p - 1e-12, so it steps up just after
+    p = c + 1e-12 for each cumulative sum c: the candidates are every c and every c + 1e-12 (two layers' sums closer than
+    the tolerance would otherwise hide an interval), capped at p = 1."""
     best, bestp = None, -1
     sorted_ = [sorted(a.tolist(), reverse=True) for a in imps]
-    cands = {0.0}
+    cands = {0.0, 1.0}
     for s in sorted_:
         acc = 0.0
-        for x in s: acc += x; cands.add(acc)
-    for p in sorted(cands):
+        for x in s: acc += x; cands.update({acc, acc + 1e-12})
+    for p in sorted(c for c in cands if c <= 1.0):
         cnt = []
         for s in sorted_:
             acc, n = 0.0, 0
