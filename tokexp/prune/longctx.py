@@ -116,12 +116,17 @@ def _assemble(hay, rng, length, planted, tail):
     if n_hay < 1: raise ConfigError(f"length {length} leaves no room for the haystack (planted {sum(map(len, planted))} + query/answer {len(tail)} tokens)")
     h = hay.piece(rng, n_hay)
     bound = sorted(rng.sample(range(n_hay + 1), len(planted))) if len(planted) <= n_hay + 1 else [0] * len(planted)
-    # cut only at word boundaries inside the piece
-    starts = [j for j in range(n_hay + 1) if j == n_hay or hay_is_start(hay, h[j])]
-    bound = sorted(min(starts, key=lambda s: abs(s - b)) for b in bound)
-    out, last = [], 0
-    for b, p in zip(bound, planted): out += h[last:b] + p; last = b
-    return out + h[last:] + tail, [b / max(1, n_hay) for b in bound]
+    ids, bound = _insert_at_words(hay, h, bound, planted)
+    return ids + tail, [b / max(1, n_hay) for b in bound]
+
+def _insert_at_words(hay, h, targets, pieces):
+    "`h` with `pieces` inserted in order at the word boundaries of `h` nearest the sorted `targets` (token offsets); (ids, offsets used)."
+    starts = [j for j in range(len(h) + 1) if j == len(h) or hay_is_start(hay, h[j])]  # cut only at word boundaries
+    out, last, used = [], 0, []
+    for t, p in zip(targets, pieces):
+        b = max(last, min(starts, key=lambda s: abs(s - t)))
+        out += h[last:b] + p; last = b; used.append(b)
+    return out + h[last:], used
 
 def hay_is_start(hay, i): return i in hay._start_ids
 
@@ -203,12 +208,8 @@ def _place(hay, rng, length, pieces):
     n_hay = length - sum(len(p) for _, p in pieces)
     if n_hay < 1: return None
     h = hay.piece(rng, n_hay)
-    starts = [j for j in range(n_hay + 1) if j == n_hay or hay_is_start(hay, h[j])]
-    out, last = [], 0
-    for f, p in sorted(pieces, key=lambda e: e[0]):
-        b = max(last, min(starts, key=lambda s: abs(s - f * n_hay)))
-        out += h[last:b] + p; last = b
-    return out + h[last:]
+    pieces = sorted(pieces, key=lambda e: e[0])
+    return _insert_at_words(hay, h, [f * n_hay for f, _ in pieces], [p for _, p in pieces])[0]
 
 def training_document(tok, hay:Haystack, kind:str, length:int, rng:random.Random, cfg:TaskConfig, values)->list[int]|None:
     "One training document of `length` ids: facts with their questions answered later (needle / multikey), a copied span, plain text, or a repeated random sequence; None when it does not re-tokenize."
