@@ -1075,6 +1075,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'tokexp.prune.longctx._assemble': ('prune.longctx.html#_assemble', 'tokexp/prune/longctx.py'),
                                       'tokexp.prune.longctx._enc': ('prune.longctx.html#_enc', 'tokexp/prune/longctx.py'),
                                       'tokexp.prune.longctx._haystack': ('prune.longctx.html#_haystack', 'tokexp/prune/longctx.py'),
+                                      'tokexp.prune.longctx._insert_at_words': ( 'prune.longctx.html#_insert_at_words',
+                                                                                 'tokexp/prune/longctx.py'),
                                       'tokexp.prune.longctx._place': ('prune.longctx.html#_place', 'tokexp/prune/longctx.py'),
                                       'tokexp.prune.longctx.hay_is_start': ('prune.longctx.html#hay_is_start', 'tokexp/prune/longctx.py'),
                                       'tokexp.prune.longctx.kvlong_dir': ('prune.longctx.html#kvlong_dir', 'tokexp/prune/longctx.py'),
